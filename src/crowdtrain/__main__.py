@@ -1,0 +1,5 @@
+"""Allow `python -m crowdtrain`."""
+
+from crowdtrain.cli import main
+
+main()

@@ -1,0 +1,1 @@
+"""Pure math, no I/O: aggregators, server optimizers, training strategies."""

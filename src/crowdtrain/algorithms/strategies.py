@@ -1,0 +1,71 @@
+"""Strategies: what nodes are asked to compute, and how the server turns it into a step."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+
+import torch
+
+
+class Strategy(ABC):
+    """One training algorithm. `node_instructions` travels to nodes in /info."""
+
+    name: str
+    update_kind: str
+
+    def node_instructions(self) -> dict:
+        return {"algorithm": self.name, "update_kind": self.update_kind}
+
+    def step(
+        self,
+        params: dict[str, torch.nn.Parameter],
+        optimizer: torch.optim.Optimizer,
+        combined: dict[str, torch.Tensor],
+        lr: float,
+    ) -> None:
+        """Move `params` in place using the round's combined update."""
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        self._step(params, optimizer, combined)
+
+    @abstractmethod
+    def _step(
+        self,
+        params: dict[str, torch.nn.Parameter],
+        optimizer: torch.optim.Optimizer,
+        combined: dict[str, torch.Tensor],
+    ) -> None: ...
+
+
+class SyncStrategy(Strategy):
+    """The prototype's algorithm: nodes send gradients, the server's optimizer steps on their mean.
+
+    `grad_clip` bounds the global norm of the combined gradient (0 turns it off).
+    """
+
+    name = "sync"
+    update_kind = "gradient"
+
+    def __init__(self, grad_clip: float = 1.0):
+        self.grad_clip = grad_clip
+
+    def _step(self, params, optimizer, combined) -> None:
+        for name, p in params.items():
+            p.grad = combined[name]
+        if self.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(list(params.values()), self.grad_clip)
+        optimizer.step()
+        for p in params.values():
+            p.grad = None
+
+
+STRATEGIES = {"sync": SyncStrategy}
+
+
+def build_strategy(name: str, **kwargs) -> Strategy:
+    try:
+        factory = STRATEGIES[name]
+    except KeyError:
+        choices = ", ".join(sorted(STRATEGIES))
+        raise ValueError(f"unknown algorithm {name!r}; choose one of: {choices}") from None
+    return factory(**kwargs)

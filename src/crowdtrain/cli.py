@@ -1,0 +1,241 @@
+"""The `crowdtrain` command: server, node, demo."""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+from pathlib import Path
+
+import typer
+from rich.console import Console
+
+from crowdtrain import __version__
+from crowdtrain.settings import NodeSettings, ServerSettings, SettingsError, load_settings
+
+app = typer.Typer(
+    help="crowdtrain: train a GPT-style language model together with other people's machines.\n\n"
+    "Start a coordinator with `crowdtrain server`, join it from any machine with "
+    "`crowdtrain node --server URL`, or try both on this machine with `crowdtrain demo`.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+console = Console(stderr=True)
+
+CONFIG_HELP = "TOML file with [server] and/or [node] tables (also CROWDTRAIN_CONFIG)."
+
+
+def _fail(message: str, code: int = 2) -> None:
+    console.print(f"[bold red]error:[/] {message}", highlight=False)
+    raise typer.Exit(code)
+
+
+def _version(value: bool) -> None:
+    if value:
+        print(f"crowdtrain {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(
+    version: bool = typer.Option(
+        False, "--version", callback=_version, is_eager=True, help="Print the version and exit."
+    ),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="Log more detail."),
+) -> None:
+    logging.basicConfig(
+        level=logging.INFO if verbose else logging.WARNING,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+
+
+@app.command()
+def server(
+    config: Path | None = typer.Option(None, "--config", help=CONFIG_HELP),
+    host: str | None = typer.Option(
+        None,
+        help="Address to listen on [default: 127.0.0.1]; "
+        "0.0.0.0 accepts nodes from other machines.",
+    ),
+    port: int | None = typer.Option(None, help="TCP port [default: 8000]; 0 picks a free one."),
+    data_dir: Path | None = typer.Option(
+        None,
+        help="Where checkpoints, the tokenizer and the history live [default: ./crowdtrain-data].",
+    ),
+    model: str | None = typer.Option(
+        None,
+        help="Model preset: tiny (~1M params, CPU), small, gpt2-124m, gpt2-350m [default: tiny].",
+    ),
+    min_nodes: int | None = typer.Option(
+        None, help="Updates from this many distinct nodes close a round [default: 1]."
+    ),
+    round_deadline: float | None = typer.Option(
+        None, "--round-deadline", help="Seconds after a round's first update when it closes anyway."
+    ),
+    lr: float | None = typer.Option(None, help="Peak learning rate of the server optimizer."),
+    optimizer: str | None = typer.Option(None, help="Server optimizer: adamw or nesterov."),
+    max_staleness: int | None = typer.Option(
+        None, help="Accept updates computed on weights at most this many versions old."
+    ),
+    checkpoint_every: int | None = typer.Option(None, help="Write a checkpoint every N versions."),
+    seed: int | None = typer.Option(None, help="Seed of the initial weights."),
+) -> None:
+    """Run the coordinator: it holds the model, takes updates from nodes, and publishes versions.
+
+    It resumes from the newest valid checkpoint in --data-dir. Ctrl-C (or SIGTERM) applies the
+    updates already accepted and writes a final checkpoint before exiting. The HTTP API lives
+    under /api/v1; its interactive documentation is at /docs.
+    """
+    from crowdtrain.server.app import run_server
+
+    try:
+        settings = load_settings(
+            ServerSettings,
+            config,
+            host=host,
+            port=port,
+            data_dir=data_dir,
+            model=model,
+            min_nodes=min_nodes,
+            round_deadline_s=round_deadline,
+            lr=lr,
+            optimizer=optimizer,
+            max_staleness=max_staleness,
+            checkpoint_every=checkpoint_every,
+            seed=seed,
+        )
+    except SettingsError as exc:
+        _fail(str(exc))
+
+    def ready(runtime, url: str) -> None:
+        resumed = (
+            f"resumed from checkpoint at version {runtime.resumed_from}"
+            if runtime.resumed_from is not None
+            else "new run at version 0"
+        )
+        print(
+            f"crowdtrain server listening on {url} ({resumed}; model {settings.model}, "
+            f"{runtime.manifest.numel:,} parameters)",
+            flush=True,
+        )
+        print(f"API docs: {url}/docs   join with: crowdtrain node --server {url}", flush=True)
+
+    try:
+        run_server(settings, on_ready=ready)
+    except (SettingsError, ValueError, OSError) as exc:
+        _fail(str(exc))
+
+
+@app.command()
+def node(
+    server: str | None = typer.Option(
+        None, "--server", "-s", help="The coordinator's URL [default: http://127.0.0.1:8000]."
+    ),
+    config: Path | None = typer.Option(None, "--config", help=CONFIG_HELP),
+    name: str | None = typer.Option(None, help="Name shown by the server [default: host-pid]."),
+    device: str | None = typer.Option(None, help="auto (cuda when present), cpu, cuda, cuda:N."),
+    batch_size: int | None = typer.Option(None, help="Sequences per micro-batch [default: 16]."),
+    accumulate: int | None = typer.Option(None, help="Micro-batches per update [default: 1]."),
+    density: float | None = typer.Option(
+        None,
+        help="Fraction of gradient entries sent each "
+        "update, 0-1 [default: 0.05]; the rest is kept and "
+        "sent later (error feedback).",
+    ),
+    data: Path | None = typer.Option(
+        None,
+        help="Train on these .txt/.md files (a file or a folder) instead of the built-in corpus.",
+    ),
+    max_updates: int | None = typer.Option(None, help="Stop after this many updates."),
+    duration: float | None = typer.Option(None, help="Stop after this many seconds."),
+    threads: int | None = typer.Option(None, help="CPU threads for torch."),
+    overlap: bool | None = typer.Option(
+        None,
+        "--overlap/--no-overlap",
+        help="Compute the next step while the last upload is in flight [default: on].",
+    ),
+) -> None:
+    """Join a training run: pull the model, train on local batches, push compressed updates.
+
+    The node keeps retrying while the server is unreachable and resyncs by itself after a
+    server restart. Ctrl-C finishes the upload in flight and exits.
+    """
+    from crowdtrain.node.runner import Node
+
+    try:
+        settings = load_settings(
+            NodeSettings,
+            config,
+            server=server,
+            name=name,
+            device=device,
+            batch_size=batch_size,
+            accumulate=accumulate,
+            density=density,
+            data=data,
+            max_updates=max_updates,
+            duration_s=duration,
+            threads=threads,
+            overlap=overlap,
+        )
+    except SettingsError as exc:
+        _fail(str(exc))
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    try:
+        stats = Node(settings, stop=stop, console=console).run()
+    except (ValueError, RuntimeError) as exc:
+        _fail(str(exc), code=1)
+    console.print(
+        f"node stopped after {stats.updates} updates ({stats.tokens:,} tokens, "
+        f"{stats.refused} refused)",
+        highlight=False,
+    )
+
+
+@app.command()
+def demo(
+    duration: float = typer.Option(120.0, help="Seconds of training."),
+    nodes: int = typer.Option(2, min=1, max=16, help="Trainer node processes to start."),
+    model: str = typer.Option("tiny", help="Model preset (tiny trains well on a laptop CPU)."),
+    density: float = typer.Option(
+        0.1, min=1e-4, max=1.0, help="Fraction of entries each node sends per update."
+    ),
+    port: int = typer.Option(0, help="Server port (0 picks a free one)."),
+    data_dir: Path | None = typer.Option(
+        None, help="Keep the server's data here [default: a temporary folder, removed afterwards]."
+    ),
+    prompt: str = typer.Option("The for statement", help="Prompt for the sample generation."),
+) -> None:
+    """Start a server and trainer nodes on this machine, train for a while, and report.
+
+    Uses the built-in corpus (CPython's reference documentation), so it needs no network. Shows
+    live progress, prints the API URL, and ends with the validation loss before and after and a
+    sample generation from the trained model. Ctrl-C stops every process cleanly.
+    """
+    from crowdtrain.demo import DemoOptions, run_demo
+
+    raise typer.Exit(
+        run_demo(
+            DemoOptions(
+                duration_s=duration,
+                nodes=nodes,
+                model=model,
+                density=density,
+                port=port,
+                data_dir=data_dir,
+                prompt=prompt,
+            ),
+            console,
+        )
+    )
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

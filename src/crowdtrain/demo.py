@@ -1,0 +1,283 @@
+"""`crowdtrain demo`: a server and N trainer nodes on loopback, live progress, a final report."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import torch
+from rich.console import Console
+from rich.live import Live
+from rich.table import Table
+
+from crowdtrain.model.generate import generate
+from crowdtrain.model.gpt import GPT, GPTConfig
+from crowdtrain.model.tokenizer import Tokenizer
+from crowdtrain.node.progress import human_bytes
+from crowdtrain.protocol.manifest import Manifest
+from crowdtrain.protocol.snapshot import decode_snapshot
+
+STARTUP_TIMEOUT_S = 180.0
+
+
+@dataclass
+class DemoOptions:
+    duration_s: float = 120.0
+    nodes: int = 2
+    model: str = "tiny"
+    density: float = 0.1
+    port: int = 0
+    data_dir: Path | None = None
+    prompt: str = "The for statement"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class Swarm:
+    """The child processes of a demo; stops them all, politely first."""
+
+    def __init__(self, log_dir: Path):
+        self.log_dir = log_dir
+        self.server: subprocess.Popen | None = None
+        self.nodes: list[subprocess.Popen] = []
+
+    def _spawn(self, name: str, args: list[str]) -> subprocess.Popen:
+        log = (self.log_dir / f"{name}.log").open("w")
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        return subprocess.Popen(
+            [sys.executable, "-m", "crowdtrain", *args],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            env=env,
+            start_new_session=True,
+        )  # our Ctrl-C is handled here, once
+
+    def start_server(self, port: int, data_dir: Path, model: str) -> None:
+        self.server = self._spawn(
+            "server",
+            [
+                "server",
+                "--port",
+                str(port),
+                "--data-dir",
+                str(data_dir),
+                "--model",
+                model,
+                "--min-nodes",
+                "1",
+                "--round-deadline",
+                "5",
+            ],
+        )
+
+    def start_node(self, index: int, url: str, density: float, threads: int) -> None:
+        self.nodes.append(
+            self._spawn(
+                f"node-{index}",
+                [
+                    "node",
+                    "--server",
+                    url,
+                    "--name",
+                    f"demo-node-{index}",
+                    "--density",
+                    str(density),
+                    "--threads",
+                    str(threads),
+                ],
+            )
+        )
+
+    def stop_nodes(self, timeout: float = 30.0) -> None:
+        _stop_all(self.nodes, signal.SIGINT, timeout)
+
+    def stop_server(self, timeout: float = 60.0) -> None:
+        if self.server is not None:
+            _stop_all([self.server], signal.SIGTERM, timeout)
+
+    def log_tail(self, name: str, lines: int = 20) -> str:
+        path = self.log_dir / f"{name}.log"
+        return (
+            "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+            if path.exists()
+            else ""
+        )
+
+
+def _stop_all(processes: list[subprocess.Popen], sig: int, timeout: float) -> None:
+    for p in processes:
+        if p.poll() is None:
+            p.send_signal(sig)
+    deadline = time.monotonic() + timeout
+    for p in processes:
+        try:
+            p.wait(timeout=max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait()
+
+
+def wait_until_up(url: str, server: subprocess.Popen, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if server.poll() is not None:
+            raise RuntimeError("the server exited during start-up")
+        try:
+            if httpx.get(f"{url}/api/v1/health", timeout=2).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(0.3)
+    raise RuntimeError(f"the server did not answer within {timeout:.0f} s")
+
+
+def wait_for_eval(url: str, version: int, timeout: float) -> float | None:
+    """The validation loss of `version` once the server's Evaluator has scored it."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        evals = httpx.get(f"{url}/api/v1/history", timeout=10).json()["evals"]
+        scored = [e for e in evals if e["version"] >= version]
+        if scored:
+            return scored[0]["valid_loss"]
+        time.sleep(0.5)
+    return None
+
+
+def status_table(info: dict, history: dict, remaining: float, url: str) -> Table:
+    table = Table(title=f"crowdtrain demo at {url}  (API docs: {url}/docs)", expand=False)
+    for column in (
+        "version",
+        "train loss",
+        "valid loss",
+        "nodes",
+        "tokens",
+        "tokens/s",
+        "uploaded",
+        "time left",
+    ):
+        table.add_column(column, justify="right")
+    rounds, evals = history["rounds"], history["evals"]
+    train = f"{rounds[-1]['train_loss']:.3f}" if rounds else "-"
+    valid = f"{evals[-1]['valid_loss']:.3f} (v{evals[-1]['version']})" if evals else "-"
+    rate = "-"
+    recent = [r for r in rounds if r["time"] > time.time() - 10]
+    if len(recent) >= 2:
+        span = recent[-1]["time"] - recent[0]["time"]
+        rate = f"{sum(r['tokens'] for r in recent[1:]) / max(span, 1e-6):,.0f}"
+    table.add_row(
+        str(info["version"]),
+        train,
+        valid,
+        str(info["connected_nodes"]),
+        f"{info['totals'].get('tokens', 0):,}",
+        rate,
+        human_bytes(info["totals"].get("wire_bytes", 0)),
+        f"{remaining:,.0f} s",
+    )
+    return table
+
+
+def sample_generation(url: str, prompt: str, max_new_tokens: int = 60) -> str:
+    info = httpx.get(f"{url}/api/v1/info", timeout=30).json()
+    config = GPTConfig.from_dict(
+        {k: v for k, v in info["model"].items() if k in GPTConfig.__dataclass_fields__}
+    )
+    tokenizer = Tokenizer.from_json(httpx.get(f"{url}/api/v1/model/tokenizer", timeout=30).text)
+    model = GPT(config)
+    raw = httpx.get(f"{url}/api/v1/model/snapshot", timeout=120).content
+    params, _ = decode_snapshot(raw, Manifest.from_model(model))
+    model.load_state_dict(params, strict=False)
+    ids = generate(
+        model,
+        tokenizer.encode(prompt),
+        max_new_tokens,
+        temperature=0.8,
+        top_k=40,
+        eot_id=tokenizer.eot_id,
+        generator=torch.Generator().manual_seed(0),
+    )
+    return prompt + tokenizer.decode(list(ids))
+
+
+def run_demo(options: DemoOptions, console: Console) -> int:
+    keep = options.data_dir is not None
+    data_dir = options.data_dir or Path(tempfile.mkdtemp(prefix="crowdtrain-demo-"))
+    log_dir = data_dir / "logs"
+    log_dir.mkdir(parents=True, exist_ok=True)
+    port = options.port or free_port()
+    url = f"http://127.0.0.1:{port}"
+    swarm = Swarm(log_dir)
+    threads = max(1, (os.cpu_count() or 2) // (options.nodes + 1))
+    try:
+        console.print(f"starting a server ({options.model}) on {url} ...")
+        swarm.start_server(port, data_dir, options.model)
+        wait_until_up(url, swarm.server, STARTUP_TIMEOUT_S)
+        console.print(f"server up: API {url}/api/v1/info, docs {url}/docs")
+        before = wait_for_eval(url, 0, 120)
+        console.print(f"validation loss of the untrained model: {before:.3f}")
+        for i in range(options.nodes):
+            swarm.start_node(i, url, options.density, threads)
+        console.print(
+            f"started {options.nodes} trainer nodes; training for "
+            f"{options.duration_s:.0f} s (Ctrl-C stops early) ..."
+        )
+        end = time.monotonic() + options.duration_s
+        with Live(console=console, refresh_per_second=2) as live:
+            while (remaining := end - time.monotonic()) > 0:
+                if all(p.poll() is not None for p in swarm.nodes):
+                    console.print(
+                        "[red]every node exited; see the logs in "
+                        f"{log_dir}[/]\n{swarm.log_tail('node-0')}"
+                    )
+                    return 1
+                info = httpx.get(f"{url}/api/v1/info", timeout=30).json()
+                history = httpx.get(
+                    f"{url}/api/v1/history", params={"since": -1}, timeout=30
+                ).json()
+                live.update(status_table(info, history, remaining, url))
+                time.sleep(min(1.0, max(remaining, 0)))
+        return _finish(options, swarm, url, before, console)
+    except KeyboardInterrupt:
+        console.print("interrupted: stopping the nodes and the server ...")
+        return 130
+    except (RuntimeError, httpx.HTTPError) as exc:
+        console.print(f"[bold red]demo failed:[/] {exc}\n{swarm.log_tail('server')}")
+        return 1
+    finally:
+        swarm.stop_nodes()
+        swarm.stop_server()
+        if not keep:
+            shutil.rmtree(data_dir, ignore_errors=True)
+        else:
+            console.print(f"server data and logs kept in {data_dir}")
+
+
+def _finish(
+    options: DemoOptions, swarm: Swarm, url: str, before: float | None, console: Console
+) -> int:
+    console.print("stopping the nodes ...")
+    swarm.stop_nodes()
+    version = httpx.get(f"{url}/api/v1/info", timeout=30).json()["version"]
+    after = wait_for_eval(url, version, 120)
+    console.print(f"\n[bold]trained {version} versions[/]")
+    if before is not None and after is not None:
+        console.print(
+            f"validation loss: {before:.3f} -> {after:.3f} ({before - after:+.3f} better)"
+        )
+    console.print("\n[bold]sample[/] (temperature 0.8, top-k 40):")
+    console.print(sample_generation(url, options.prompt), highlight=False, markup=False)
+    return 0

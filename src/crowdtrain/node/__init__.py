@@ -1,0 +1,1 @@
+"""The trainer node: pull the model, train locally, push compressed updates."""

@@ -1,0 +1,178 @@
+"""HTTP client for the coordinator: retries with jittered backoff, counts bytes both ways."""
+
+from __future__ import annotations
+
+import logging
+import random
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import httpx
+import torch
+
+from crowdtrain import __version__
+from crowdtrain.protocol.manifest import Manifest
+from crowdtrain.protocol.snapshot import decode_deltas, decode_snapshot
+
+log = logging.getLogger(__name__)
+
+API = "/api/v1"
+NODE_ID_HEADER = "X-Crowdtrain-Node"
+
+
+class Stopped(Exception):
+    """The node was asked to stop while it waited for the server."""
+
+
+class Refused(Exception):
+    """The server answered 4xx: it read the request and said no."""
+
+    def __init__(self, status: int, body: dict):
+        self.status = status
+        self.body = body
+        self.code = body.get("error", "")
+        super().__init__(f"HTTP {status} {self.code}: {body.get('detail', body)}")
+
+
+@dataclass
+class Traffic:
+    sent: int = 0
+    received: int = 0
+
+
+class CoordinatorClient:
+    """One node's connection to the server. Thread-safe (httpx.Client is)."""
+
+    def __init__(
+        self,
+        base_url: str,
+        node_id: str,
+        timeout_s: float = 120.0,
+        max_backoff_s: float = 30.0,
+        should_stop: Callable[[], bool] = lambda: False,
+    ):
+        self.base_url = base_url.rstrip("/")
+        self.node_id = node_id
+        self.max_backoff_s = max_backoff_s
+        self.should_stop = should_stop
+        self.traffic = Traffic()
+        self._lock = threading.Lock()
+        self._http = httpx.Client(
+            base_url=self.base_url,
+            timeout=httpx.Timeout(timeout_s, connect=10.0),
+            headers={
+                NODE_ID_HEADER: node_id,
+                "Accept-Encoding": "zstd",
+                "User-Agent": f"crowdtrain-node/{__version__}",
+            },
+        )
+
+    def close(self) -> None:
+        self._http.close()
+
+    def request(self, method: str, path: str, **kwargs) -> httpx.Response:
+        """Send until the server answers; retry connection errors, 5xx and 429 with backoff."""
+        attempt = 0
+        while True:
+            if self.should_stop():
+                raise Stopped()
+            try:
+                response = self._http.request(method, API + path, **kwargs)
+            except httpx.TransportError as exc:
+                reason, retry_after = f"server unreachable ({type(exc).__name__})", None
+            else:
+                with self._lock:
+                    self.traffic.received += response.num_bytes_downloaded
+                if response.status_code < 500 and response.status_code != 429:
+                    if response.status_code >= 400:
+                        raise Refused(response.status_code, _json_or_text(response))
+                    return response
+                reason = f"server answered {response.status_code}"
+                retry_after = _retry_after(response)
+            delay = retry_after or min(self.max_backoff_s, 0.5 * 2 ** min(attempt, 10))
+            delay *= random.uniform(0.5, 1.0) if retry_after is None else 1.0
+            log.warning("%s; retrying in %.1f s", reason, delay)
+            attempt += 1
+            self._sleep(delay)
+
+    def _sleep(self, seconds: float) -> None:
+        end = time.monotonic() + seconds
+        while time.monotonic() < end:
+            if self.should_stop():
+                raise Stopped()
+            time.sleep(min(0.1, end - time.monotonic()))
+
+    def info(self) -> dict:
+        return self.request("GET", "/info").json()
+
+    def manifest(self) -> Manifest:
+        return Manifest.from_json(self.request("GET", "/model/manifest").json()["tensors"])
+
+    def tokenizer_json(self) -> str:
+        return self.request("GET", "/model/tokenizer").text
+
+    def snapshot(self, manifest: Manifest, dtype: str = "fp32"):
+        """(version, lineage, fp32 params) of the server's current weights."""
+        response = self.request("GET", "/model/snapshot", params={"dtype": dtype})
+        params, meta = decode_snapshot(response.content, manifest)
+        return meta["version"], meta["lineage"], params
+
+    def deltas(self, since: int, lineage: str, manifest: Manifest, wait: float = 0.0):
+        """The chain of published deltas after `since` ([] when none); None: take a snapshot."""
+        try:
+            response = self.request(
+                "GET",
+                "/model/deltas",
+                params={"since": since, "lineage": lineage, "wait": wait},
+                timeout=wait + 60.0,
+            )
+        except Refused as exc:
+            if exc.status == 410:
+                return None
+            raise
+        if response.status_code == 204:
+            return []
+        chain, chain_lineage = decode_deltas(response.content, manifest)
+        if chain_lineage != lineage:
+            return None
+        return chain
+
+    def submit(self, body: bytes) -> dict:
+        response = self.request(
+            "POST",
+            "/updates",
+            content=body,
+            headers={"Content-Encoding": "zstd", "Content-Type": "application/octet-stream"},
+        )
+        with self._lock:
+            self.traffic.sent += len(body)
+        return response.json()
+
+    def wait_for_version(self, after: int, wait: float) -> dict:
+        return self.request(
+            "GET", "/model/version", params={"after": after, "wait": wait}, timeout=wait + 60.0
+        ).json()
+
+
+def apply_deltas(params: dict[str, torch.Tensor], chain) -> int:
+    """Advance `params` in place through a delta chain; returns the new version."""
+    with torch.no_grad():
+        for _, deltas in chain:
+            for name, delta in deltas.items():
+                params[name].add_(delta.to(params[name].device))
+    return chain[-1][0]
+
+
+def _json_or_text(response: httpx.Response) -> dict:
+    try:
+        body = response.json()
+        return body if isinstance(body, dict) else {"detail": body}
+    except ValueError:
+        return {"detail": response.text[:500]}
+
+
+def _retry_after(response: httpx.Response) -> float | None:
+    value = response.headers.get("retry-after", "")
+    return float(value) if value.replace(".", "", 1).isdigit() else None

@@ -1,0 +1,202 @@
+"""The node's main loop: sync, compute, compress, submit; resync and retry as needed.
+
+With `overlap` (the default) the upload of one update runs in a background thread while the
+next gradient is computed on the weights the node holds then, so a fast node never sits idle;
+its updates are then at most about one version stale, which the server accepts.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import threading
+import time
+import zlib
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import torch
+from rich.console import Console
+
+from crowdtrain.compression.codecs import get_value_codec
+from crowdtrain.compression.sparse import SparseDelta
+from crowdtrain.compression.topk import TopKCompressor
+from crowdtrain.data.batches import BatchSampler, encode_documents
+from crowdtrain.data.corpus import default_corpus, load_text_files
+from crowdtrain.model.gpt import GPT, GPTConfig
+from crowdtrain.model.tokenizer import Tokenizer
+from crowdtrain.node.client import CoordinatorClient, Refused, Stopped, apply_deltas
+from crowdtrain.node.progress import NodeProgress
+from crowdtrain.node.trainer import LocalTrainer, pick_device
+from crowdtrain.protocol.manifest import Manifest
+from crowdtrain.protocol.update import UPDATE_FORMAT, UpdateMeta, encode_update
+from crowdtrain.settings import NodeSettings
+
+log = logging.getLogger(__name__)
+
+
+def default_node_name() -> str:
+    host = "".join(c if c.isalnum() or c in "._-" else "-" for c in socket.gethostname())
+    return f"{host[:40] or 'node'}-{os.getpid()}"
+
+
+@dataclass
+class NodeStats:
+    updates: int = 0
+    refused: int = 0
+    resyncs: int = 0
+    tokens: int = 0
+    last_loss: float | None = None
+    started: float = field(default_factory=time.monotonic)
+
+
+class Node:
+    """A trainer node bound to one server. `run()` returns when stopped or its budget is spent."""
+
+    def __init__(
+        self,
+        settings: NodeSettings,
+        stop: threading.Event | None = None,
+        console: Console | None = None,
+    ):
+        self.settings = settings
+        self.stop_event = stop or threading.Event()
+        self.console = console or Console(stderr=True)
+        self.name = settings.name or default_node_name()
+        self.device = pick_device(settings.device)
+        if settings.threads:
+            torch.set_num_threads(settings.threads)
+        self.client = CoordinatorClient(
+            settings.server,
+            self.name,
+            settings.request_timeout_s,
+            settings.max_backoff_s,
+            should_stop=self.stop_event.is_set,
+        )
+        self.stats = NodeStats()
+        self.version = -1
+        self.lineage = ""
+
+    # ---- setup --------------------------------------------------------------------------
+
+    def _connect(self) -> None:
+        info = self.client.info()
+        model_info = {k: v for k, v in info["model"].items() if k in GPTConfig.__dataclass_fields__}
+        self.config = GPTConfig.from_dict(model_info)
+        self.tokenizer = Tokenizer.from_json(self.client.tokenizer_json())
+        self.model = GPT(self.config).to(self.device)
+        self.params = dict(self.model.named_parameters())
+        self.manifest = self.client.manifest()
+        if self.manifest != Manifest.from_model(self.model):
+            raise RuntimeError(
+                "the server's manifest does not match the model this node "
+                "builds from its config; upgrade crowdtrain on this node"
+            )
+        self._resync_snapshot()
+        texts = (
+            load_text_files(self.settings.data) if self.settings.data else default_corpus().train
+        )
+        tokens = encode_documents(self.tokenizer, texts)
+        seed = (
+            self.settings.seed if self.settings.seed is not None else zlib.crc32(self.name.encode())
+        )
+        sampler = BatchSampler(tokens, self.settings.batch_size, self.config.block_size, seed)
+        self.trainer = LocalTrainer(self.model, sampler, self.device, self.settings.accumulate)
+        self.compressor = TopKCompressor(
+            self.settings.density, get_value_codec(self.settings.value_codec), seed=seed
+        )
+        self.training = info["training"]
+
+    def _resync_snapshot(self) -> None:
+        version, lineage, params = self.client.snapshot(self.manifest)
+        with torch.no_grad():
+            for name, p in self.params.items():
+                p.copy_(params[name])
+        self.version, self.lineage = version, lineage
+        self.stats.resyncs += 1
+
+    def sync(self, wait: float = 0.0) -> None:
+        """Bring the replica to the server's newest version (deltas, or a snapshot)."""
+        chain = self.client.deltas(self.version, self.lineage, self.manifest, wait=wait)
+        if chain is None:
+            self._resync_snapshot()
+        elif chain:
+            self.version = apply_deltas(self.params, chain)
+
+    # ---- the loop -----------------------------------------------------------------------
+
+    def _budget_left(self) -> bool:
+        s = self.settings
+        if self.stop_event.is_set():
+            return False
+        if s.max_updates is not None and self.stats.updates >= s.max_updates:
+            return False
+        return s.duration_s is None or time.monotonic() - self.stats.started < s.duration_s
+
+    def _submit(self, deltas: dict[str, SparseDelta], meta: UpdateMeta) -> dict:
+        return self.client.submit(encode_update(deltas, meta))
+
+    def _settle(self, future: Future, deltas: dict[str, SparseDelta], samples_tokens) -> None:
+        """Wait for an upload; on refusal put its content back into the residuals and resync."""
+        try:
+            future.result()
+        except Refused as exc:
+            self.compressor.restore(deltas)
+            self.stats.refused += 1
+            if exc.status == 409:
+                log.info("update refused (%s); resyncing", exc.code)
+                self.sync()
+            elif exc.status in (400, 413, 415, 422):
+                raise  # a bug or a mismatch this node cannot fix by retrying
+            return
+        self.stats.updates += 1
+        self.stats.tokens += samples_tokens
+
+    def run(self) -> NodeStats:
+        progress = NodeProgress(self.console, self.name, self.settings.server)
+        try:
+            with progress:
+                progress.status("connecting")
+                self._connect()
+                self._loop(progress)
+        except Stopped:
+            pass
+        finally:
+            self.client.close()
+        return self.stats
+
+    def _loop(self, progress: NodeProgress) -> None:
+        overlap = self.settings.overlap
+        in_flight: tuple[Future, dict, int] | None = None
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="upload") as uploads:
+            while self._budget_left():
+                base_version = self.version
+                step = self.trainer.compute_gradient()
+                deltas = self.compressor.compress(step.gradients)
+                meta = UpdateMeta(
+                    format=UPDATE_FORMAT,
+                    value_codec=self.compressor.codec.name,
+                    kind="gradient",
+                    base_version=base_version,
+                    lineage=self.lineage,
+                    samples=step.samples,
+                    tokens=step.tokens,
+                    loss=step.loss,
+                )
+                if in_flight is not None:
+                    self._settle(*in_flight)
+                    in_flight = None
+                future = uploads.submit(self._submit, deltas, meta)
+                in_flight = (future, deltas, step.tokens)
+                self.stats.last_loss = step.loss
+                if not overlap:
+                    self._settle(*in_flight)
+                    in_flight = None
+                    self.sync(wait=float(self.training.get("round_deadline_s", 10)) + 1)
+                else:
+                    self.sync(wait=0.0)
+                progress.update(self.version, self.stats, self.client.traffic)
+            if in_flight is not None:
+                self._settle(*in_flight)
+        progress.update(self.version, self.stats, self.client.traffic)

@@ -1,0 +1,19 @@
+"""The one error type for bad wire input: an HTTP status, a stable code, and a clear message."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class WireError(Exception):
+    """Bad input from a peer. Routes turn it into a 4xx JSON answer; state is never touched."""
+
+    def __init__(self, status: int, code: str, message: str, **extra: Any):
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.message = message
+        self.extra = extra
+
+    def to_json(self) -> dict[str, Any]:
+        return {"error": self.code, "detail": self.message, **self.extra}

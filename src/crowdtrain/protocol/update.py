@@ -1,0 +1,238 @@
+"""The update wire format: encode a node's sparse update, decode and check one strictly.
+
+Layout (ARCHITECTURE.md "Wire"): a safetensors container, compressed as a whole (zstd by
+default). Per parameter either `NAME.idx` (sorted int32) + `NAME.val`, or `NAME.dense`. The
+metadata carries the format version, value codec and the submission facts.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from crowdtrain.compression.codecs import get_value_codec
+from crowdtrain.compression.sparse import SparseDelta
+from crowdtrain.protocol import encoding, safetensors_io
+from crowdtrain.protocol.errors import WireError
+from crowdtrain.protocol.manifest import Manifest
+
+UPDATE_FORMAT = "crowdtrain.update/1"
+UPDATE_KINDS = ("gradient", "pseudo_gradient")
+SUFFIXES = ("idx", "val", "dense")
+
+
+class UpdateMeta(BaseModel):
+    """Submission facts a node declares; parsed strictly (untrusted input never stays a dict)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    format: str
+    value_codec: str
+    kind: str = "gradient"
+    base_version: int = Field(ge=0)
+    lineage: str = Field(min_length=1, max_length=64)
+    samples: int = Field(gt=0, le=1 << 40)
+    tokens: int = Field(ge=0, le=1 << 50)
+    loss: float
+
+    @field_validator("format")
+    @classmethod
+    def _known_format(cls, value: str) -> str:
+        if value != UPDATE_FORMAT:
+            raise ValueError(f"unsupported update format {value!r}; expected {UPDATE_FORMAT!r}")
+        return value
+
+    @field_validator("value_codec")
+    @classmethod
+    def _known_codec(cls, value: str) -> str:
+        get_value_codec(value)
+        return value
+
+    @field_validator("kind")
+    @classmethod
+    def _known_kind(cls, value: str) -> str:
+        if value not in UPDATE_KINDS:
+            raise ValueError(f"unknown update kind {value!r}; expected one of {UPDATE_KINDS}")
+        return value
+
+    @field_validator("loss")
+    @classmethod
+    def _finite_loss(cls, value: float) -> float:
+        if not math.isfinite(value):
+            raise ValueError("loss must be a finite number")
+        return value
+
+    def to_wire(self) -> dict[str, str]:
+        return {k: str(v) for k, v in self.model_dump().items()}
+
+
+@dataclass
+class DecodedUpdate:
+    meta: UpdateMeta
+    deltas: dict[str, SparseDelta]
+    wire_bytes: int
+    raw_bytes: int
+
+    @property
+    def nnz(self) -> int:
+        return sum(d.nnz for d in self.deltas.values())
+
+
+@dataclass(frozen=True)
+class IntakeLimits:
+    """Caps checked before any work: compressed body and decompressed container sizes."""
+
+    max_body_bytes: int
+    max_raw_bytes: int
+
+    @classmethod
+    def for_manifest(cls, manifest: Manifest) -> IntakeLimits:
+        # The largest honest update is fully dense fp32 or int32+fp32 per entry; allow header room.
+        raw = manifest.numel * 8 + (1 << 20) + 512 * len(manifest.params)
+        return cls(max_body_bytes=raw + raw // 64 + (1 << 16), max_raw_bytes=raw)
+
+
+def encode_update(
+    deltas: dict[str, SparseDelta], meta: UpdateMeta, content_encoding: str = "zstd"
+) -> bytes:
+    tensors: dict[str, torch.Tensor] = {}
+    for name, delta in deltas.items():
+        if delta.indices is None:
+            tensors[f"{name}.dense"] = delta.values
+        else:
+            tensors[f"{name}.idx"] = delta.indices.to(torch.int32)
+            tensors[f"{name}.val"] = delta.values
+    raw = safetensors_io.dump(tensors, meta.to_wire())
+    return encoding.compress(raw, content_encoding)
+
+
+def decode_update(
+    body: bytes, content_encoding: str | None, manifest: Manifest, limits: IntakeLimits
+) -> DecodedUpdate:
+    """Decode untrusted bytes into a checked update, or raise WireError. Pure: touches no state."""
+    if len(body) > limits.max_body_bytes:
+        raise WireError(
+            413, "too_large", f"body is {len(body)} bytes; the cap is {limits.max_body_bytes}"
+        )
+    raw = encoding.decompress(body, content_encoding, limits.max_raw_bytes)
+    header, metadata = safetensors_io.read_header(raw)
+    meta = _parse_meta(metadata)
+    codec = get_value_codec(meta.value_codec)
+    groups = _group_tensor_names(header, manifest)
+    tensors = safetensors_io.load(raw)
+
+    deltas: dict[str, SparseDelta] = {}
+    for name, suffixes in groups.items():
+        spec = manifest.by_name[name]
+        if suffixes == {"dense"}:
+            values = tensors[f"{name}.dense"]
+            _expect(
+                values.dtype == codec.wire_dtype,
+                "bad_dtype",
+                f"{name}.dense has dtype {values.dtype}; codec {codec.name} sends "
+                f"{codec.wire_dtype}",
+            )
+            _expect(
+                tuple(values.shape) == spec.shape,
+                "bad_shape",
+                f"{name}.dense has shape {list(values.shape)}; the model has {list(spec.shape)}",
+            )
+            _check_finite(name, values)
+            deltas[name] = SparseDelta(indices=None, values=values)
+        elif suffixes == {"idx", "val"}:
+            indices, values = tensors[f"{name}.idx"], tensors[f"{name}.val"]
+            _check_sparse(name, indices, values, spec.numel, codec.wire_dtype)
+            deltas[name] = SparseDelta(indices=indices, values=values)
+        else:
+            raise WireError(
+                400,
+                "bad_layout",
+                f"parameter {name!r} must carry either .idx and .val or .dense; got "
+                f"{sorted('.' + s for s in suffixes)}",
+            )
+    return DecodedUpdate(meta=meta, deltas=deltas, wire_bytes=len(body), raw_bytes=len(raw))
+
+
+def _expect(condition: bool, code: str, message: str) -> None:
+    if not condition:
+        raise WireError(422, code, message)
+
+
+def _parse_meta(metadata: dict[str, str]) -> UpdateMeta:
+    try:
+        return UpdateMeta.model_validate(metadata)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in err['loc']) or 'metadata'}: {err['msg']}"
+            for err in exc.errors()
+        )
+        raise WireError(422, "bad_metadata", f"update metadata is invalid: {problems}") from None
+
+
+def _group_tensor_names(header: dict, manifest: Manifest) -> dict[str, set[str]]:
+    if not header:
+        raise WireError(422, "empty_update", "update carries no tensors")
+    groups: dict[str, set[str]] = {}
+    for tensor_name in header:
+        name, _, suffix = tensor_name.rpartition(".")
+        if suffix not in SUFFIXES or name not in manifest.by_name:
+            raise WireError(
+                422,
+                "unknown_tensor",
+                f"tensor {tensor_name!r} does not name a model parameter as NAME.idx, NAME.val "
+                "or NAME.dense (see GET /api/v1/model/manifest)",
+            )
+        groups.setdefault(name, set()).add(suffix)
+    return groups
+
+
+def _check_sparse(
+    name: str, indices: torch.Tensor, values: torch.Tensor, numel: int, wire_dtype: torch.dtype
+) -> None:
+    _expect(
+        indices.dtype == torch.int32,
+        "bad_dtype",
+        f"{name}.idx has dtype {indices.dtype}; indices must be int32",
+    )
+    _expect(
+        values.dtype == wire_dtype,
+        "bad_dtype",
+        f"{name}.val has dtype {values.dtype}; the codec sends {wire_dtype}",
+    )
+    _expect(
+        indices.dim() == 1 and values.dim() == 1,
+        "bad_shape",
+        f"{name}.idx and {name}.val must be 1-D",
+    )
+    _expect(
+        indices.numel() == values.numel(),
+        "bad_shape",
+        f"{name}.idx has {indices.numel()} entries but {name}.val has {values.numel()}",
+    )
+    _expect(
+        indices.numel() <= numel,
+        "bad_shape",
+        f"{name} carries {indices.numel()} entries; the parameter has only {numel}",
+    )
+    if indices.numel():
+        _expect(
+            int(indices[0]) >= 0 and int(indices[-1]) < numel,
+            "index_out_of_range",
+            f"{name}.idx must lie in [0, {numel}); got first {int(indices[0])}, last "
+            f"{int(indices[-1])}",
+        )
+        _expect(
+            bool((indices[1:] > indices[:-1]).all()),
+            "unsorted_indices",
+            f"{name}.idx must be strictly increasing (sorted, no duplicates)",
+        )
+    _check_finite(name, values)
+
+
+def _check_finite(name: str, values: torch.Tensor) -> None:
+    _expect(
+        bool(torch.isfinite(values).all()), "not_finite", f"{name} contains NaN or infinite values"
+    )

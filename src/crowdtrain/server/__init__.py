@@ -1,0 +1,1 @@
+"""The coordinator server: FastAPI app, rounds, checkpoints, evaluation."""

@@ -1,0 +1,309 @@
+"""The Coordinator: the only writer of the model and optimizer state; rounds and versions.
+
+Submissions are decoded and checked by the routes (in worker threads), then queued here. One
+apply thread takes them off the queue, streams each into the round's Aggregator, and closes the
+round on quorum (distinct nodes) or on its deadline. Closing a round runs the Strategy's
+optimizer step, then publishes the exact difference it made: the server's weights become
+`before + delta`, the same fp32 addition every node performs, so replicas stay bit-identical.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import secrets
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from crowdtrain.algorithms.aggregators import Aggregator
+from crowdtrain.algorithms.optimizers import learning_rate
+from crowdtrain.algorithms.strategies import Strategy
+from crowdtrain.protocol.errors import WireError
+from crowdtrain.protocol.update import DecodedUpdate
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class RoundPolicy:
+    min_nodes: int = 1
+    deadline_s: float = 10.0
+    max_staleness: int = 2
+    max_pending: int = 64
+    base_lr: float = 3e-3
+    warmup_versions: int = 20
+    decay_versions: int | None = None
+    delta_window: int = 32
+    delta_window_bytes: int = 1 << 30
+
+
+@dataclass
+class Submission:
+    node_id: str
+    update: DecodedUpdate
+    accepted_at: float = field(default_factory=time.monotonic)
+
+
+@dataclass
+class _OpenRound:
+    started_at: float | None = None  # monotonic time of the round's first update
+    node_ids: set[str] = field(default_factory=set)
+    updates: int = 0
+    samples: int = 0
+    tokens: int = 0
+    loss_weighted: float = 0.0
+    wire_bytes: int = 0
+    staleness_sum: int = 0
+    aggregate_s: float = 0.0
+
+
+@dataclass(frozen=True)
+class RoundResult:
+    """What closing a round produced; handed to listeners (metrics, evaluator, checkpoints)."""
+
+    version: int
+    record: dict
+
+
+class Coordinator:
+    """Owns `params` and `optimizer`. Thread-safe entry points: submit, snapshot, deltas_since,
+    wait_for_version. Everything that changes state runs on the apply thread."""
+
+    def __init__(
+        self,
+        params: dict[str, torch.nn.Parameter],
+        optimizer: torch.optim.Optimizer,
+        strategy: Strategy,
+        aggregator: Aggregator,
+        policy: RoundPolicy,
+        version: int = 0,
+        totals: dict | None = None,
+    ):
+        self.params = params
+        self.optimizer = optimizer
+        self.strategy = strategy
+        self.aggregator = aggregator
+        self.policy = policy
+        self.version = version
+        # A new lineage at every start: versions past the resumed checkpoint may differ from
+        # the ones a node saw before a crash, so a node from another lineage must resync.
+        self.lineage = secrets.token_hex(8)
+        self.totals = {"updates": 0, "samples": 0, "tokens": 0, "wire_bytes": 0}
+        self.totals.update(totals or {})
+
+        self._state_lock = threading.Lock()  # params + window: readers never see half a step
+        self._version_cond = threading.Condition()
+        self._queue: queue.Queue[Submission] = queue.Queue(maxsize=policy.max_pending)
+        self._round = _OpenRound()
+        self._window: deque[tuple[int, dict[str, torch.Tensor]]] = deque()
+        self._before = {name: p.detach().clone() for name, p in params.items()}
+        self._listeners: list[Callable[[RoundResult], None]] = []
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    # ---- entry points for routes (any thread) -------------------------------------------
+
+    def submit(self, node_id: str, update: DecodedUpdate) -> dict:
+        """Accept a checked update into the next round, or raise WireError (409 / 503)."""
+        meta = update.meta
+        current = self.version
+        if meta.lineage != self.lineage or meta.base_version > current:
+            raise WireError(
+                409,
+                "resync",
+                "the update was computed on weights this server "
+                "does not have (it restarted or you are ahead); download a snapshot",
+                current_version=current,
+                lineage=self.lineage,
+            )
+        if current - meta.base_version > self.policy.max_staleness:
+            raise WireError(
+                409,
+                "stale",
+                f"base version {meta.base_version} is older than the "
+                f"{self.policy.max_staleness} versions accepted; pull the latest "
+                "weights and recompute",
+                current_version=current,
+                lineage=self.lineage,
+            )
+        try:
+            self._queue.put_nowait(Submission(node_id, update))
+        except queue.Full:
+            raise WireError(
+                503,
+                "busy",
+                "the server is aggregating a backlog; retry shortly",
+                retry_after_s=1.0,
+                current_version=current,
+            ) from None
+        return {
+            "accepted": True,
+            "current_version": current,
+            "lineage": self.lineage,
+            "queued": self._queue.qsize(),
+        }
+
+    def snapshot(self) -> tuple[int, dict[str, torch.Tensor]]:
+        """(version, copy of the weights), consistent: never between two halves of a step."""
+        with self._state_lock:
+            return self.version, {n: p.detach().clone() for n, p in self.params.items()}
+
+    def deltas_since(self, version: int, lineage: str) -> list[tuple[int, dict]] | None:
+        """Published deltas after `version`, or None when the node must take a snapshot."""
+        with self._state_lock:
+            if lineage != self.lineage or version > self.version:
+                return None
+            if version == self.version:
+                return []
+            chain = [(v, d) for v, d in self._window if v > version]
+            if not chain or chain[0][0] != version + 1:
+                return None
+            return chain
+
+    def wait_for_version(self, after: int, timeout: float) -> int:
+        with self._version_cond:
+            self._version_cond.wait_for(lambda: self.version > after, timeout=timeout)
+            return self.version
+
+    def add_listener(self, listener: Callable[[RoundResult], None]) -> None:
+        self._listeners.append(listener)
+
+    @property
+    def pending(self) -> int:
+        return self._queue.qsize()
+
+    # ---- the apply thread ---------------------------------------------------------------
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="coordinator", daemon=True)
+        self._thread.start()
+
+    def stop(self, drain: bool = True) -> None:
+        """Stop the apply thread. With `drain`, updates already accepted are applied first."""
+        self._drain_on_stop = drain
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self._step_once(timeout=0.2)
+        if getattr(self, "_drain_on_stop", True):
+            while self._step_once(timeout=0.0, force_close=True):
+                pass
+
+    def _step_once(self, timeout: float, force_close: bool = False) -> bool:
+        """Take one submission (if any), close the round if due. False when nothing was left."""
+        wait = timeout
+        if self._round.started_at is not None:
+            remaining = self._round.started_at + self.policy.deadline_s - time.monotonic()
+            wait = max(0.0, min(timeout, remaining))
+        try:
+            submission = self._queue.get(timeout=wait) if wait > 0 else self._queue.get_nowait()
+        except queue.Empty:
+            submission = None
+        if submission is not None:
+            self._aggregate(submission)
+        if self._round_due() or (force_close and submission is None and self._round.updates):
+            self._close_round()
+            return True
+        return submission is not None
+
+    def _aggregate(self, submission: Submission) -> None:
+        meta = submission.update.meta
+        started = time.perf_counter()
+        self.aggregator.add(submission.update.deltas, weight=float(meta.samples))
+        r = self._round
+        r.aggregate_s += time.perf_counter() - started
+        if r.started_at is None:
+            r.started_at = time.monotonic()
+        r.node_ids.add(submission.node_id)
+        r.updates += 1
+        r.samples += meta.samples
+        r.tokens += meta.tokens
+        r.loss_weighted += meta.loss * meta.samples
+        r.wire_bytes += submission.update.wire_bytes
+        r.staleness_sum += self.version - meta.base_version
+
+    def _round_due(self) -> bool:
+        r = self._round
+        if r.updates == 0:
+            return False
+        if len(r.node_ids) >= self.policy.min_nodes:
+            return True
+        return time.monotonic() - r.started_at >= self.policy.deadline_s
+
+    def _close_round(self) -> None:
+        r, self._round = self._round, _OpenRound()
+        timings: dict[str, float] = {"aggregate_s": r.aggregate_s}
+        t0 = time.perf_counter()
+        combined = self.aggregator.result()
+        lr = learning_rate(
+            self.version,
+            self.policy.base_lr,
+            self.policy.warmup_versions,
+            self.policy.decay_versions,
+        )
+        t1 = time.perf_counter()
+        with self._state_lock:
+            for name, p in self.params.items():
+                self._before[name].copy_(p.detach())
+            self.strategy.step(self.params, self.optimizer, combined, lr)
+            t2 = time.perf_counter()
+            deltas = self._publish()
+            version = self.version + 1
+            self._window.append((version, deltas))
+            self._trim_window()
+            with self._version_cond:
+                self.version = version
+                self._version_cond.notify_all()
+        t3 = time.perf_counter()
+        timings.update(combine_s=t1 - t0, optimizer_s=t2 - t1, publish_s=t3 - t2)
+        self.totals["updates"] += r.updates
+        self.totals["samples"] += r.samples
+        self.totals["tokens"] += r.tokens
+        self.totals["wire_bytes"] += r.wire_bytes
+        record = {
+            "version": version,
+            "time": time.time(),
+            "train_loss": r.loss_weighted / r.samples,
+            "lr": lr,
+            "updates": r.updates,
+            "nodes": len(r.node_ids),
+            "samples": r.samples,
+            "tokens": r.tokens,
+            "wire_bytes": r.wire_bytes,
+            "mean_staleness": r.staleness_sum / r.updates,
+            "round_s": time.monotonic() - r.started_at,
+            **{k: round(v, 6) for k, v in timings.items()},
+        }
+        result = RoundResult(version, record)
+        for listener in self._listeners:
+            try:
+                listener(result)
+            except Exception:  # a failing listener must not stop training
+                log.exception("round listener failed at version %d", version)
+
+    def _publish(self) -> dict[str, torch.Tensor]:
+        """Make the weights exactly `before + delta` and return the deltas nodes will apply."""
+        deltas = {}
+        for name, p in self.params.items():
+            before = self._before[name]
+            delta = p.detach() - before
+            p.data.copy_(before)
+            p.data.add_(delta)
+            deltas[name] = delta
+        return deltas
+
+    def _trim_window(self) -> None:
+        per_version = sum(d.numel() * d.element_size() for d in self._window[-1][1].values())
+        keep = max(
+            1, min(self.policy.delta_window, self.policy.delta_window_bytes // max(1, per_version))
+        )
+        while len(self._window) > keep:
+            self._window.popleft()

@@ -1,0 +1,32 @@
+"""Shared route dependencies, as Annotated aliases."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import Depends, Header, Request
+
+from crowdtrain.protocol.errors import WireError
+from crowdtrain.server.runtime import ServerRuntime
+
+NODE_ID_HEADER = "X-Crowdtrain-Node"
+
+
+def _runtime(request: Request) -> ServerRuntime:
+    return request.app.state.runtime
+
+
+def _node_id(x_crowdtrain_node: Annotated[str | None, Header()] = None) -> str:
+    # Until node authentication lands (issue 5) a node names itself in this header.
+    node_id = (x_crowdtrain_node or "anonymous").strip()
+    if not (0 < len(node_id) <= 64) or not all(c.isalnum() or c in "._-" for c in node_id):
+        raise WireError(
+            400,
+            "bad_node_id",
+            f"{NODE_ID_HEADER} must be 1-64 characters of letters, digits, '.', '_' or '-'",
+        )
+    return node_id
+
+
+Runtime = Annotated[ServerRuntime, Depends(_runtime)]
+NodeId = Annotated[str, Depends(_node_id)]

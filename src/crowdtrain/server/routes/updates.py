@@ -1,0 +1,80 @@
+"""Update submission: bounded read, strict decode off the event loop, then the Coordinator."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import anyio
+from fastapi import APIRouter, Header, Request
+
+from crowdtrain.protocol.errors import WireError
+from crowdtrain.protocol.update import decode_update
+from crowdtrain.server.deps import NodeId, Runtime
+from crowdtrain.server.schemas import ErrorPublic, SubmitPublic
+
+router = APIRouter(tags=["updates"])
+
+_ERRORS = {code: {"model": ErrorPublic} for code in (400, 409, 411, 413, 415, 422, 503)}
+
+
+async def read_body_capped(request: Request, cap: int) -> bytes:
+    """The request body, refusing with 413 as soon as it passes `cap` bytes."""
+    declared = request.headers.get("content-length")
+    if declared is not None:
+        if not declared.isdigit():
+            raise WireError(400, "bad_length", "Content-Length must be a number")
+        if int(declared) > cap:
+            raise WireError(413, "too_large", f"body of {declared} bytes exceeds the cap of {cap}")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > cap:
+            raise WireError(413, "too_large", f"body exceeds the cap of {cap} bytes")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+@router.post(
+    "/updates",
+    status_code=202,
+    response_model=SubmitPublic,
+    responses=_ERRORS,
+    openapi_extra={
+        "requestBody": {
+            "required": True,
+            "content": {
+                "application/octet-stream": {"schema": {"type": "string", "format": "binary"}}
+            },
+        }
+    },
+)
+async def submit_update(
+    request: Request,
+    runtime: Runtime,
+    node_id: NodeId,
+    content_encoding: Annotated[str | None, Header()] = None,
+) -> dict:
+    """Submit an update in the wire format (safetensors container, zstd or identity).
+
+    Checked before it touches state: sizes before and after decompression, tensor names and
+    shapes against the manifest, indices in range and strictly increasing, finite values,
+    metadata types. 409 when its base version is too old (or from before a server restart)."""
+    limits = runtime.limits
+    body = await read_body_capped(request, limits.max_body_bytes)
+    try:
+        update = await anyio.to_thread.run_sync(
+            decode_update, body, content_encoding, runtime.manifest, limits
+        )
+        receipt = runtime.coordinator.submit(node_id, update)
+    except WireError:
+        runtime.nodes.refused(node_id, len(body))
+        raise
+    runtime.nodes.accepted(
+        node_id,
+        update.meta.samples,
+        update.meta.tokens,
+        update.meta.loss,
+        update.meta.base_version,
+        len(body),
+    )
+    return receipt

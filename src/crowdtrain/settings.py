@@ -1,0 +1,195 @@
+"""Settings for the server and the node: CROWDTRAIN_* environment variables and a TOML file.
+
+Priority, highest first: command-line flags, environment variables, the TOML file, defaults.
+An unknown key or a bad value fails at start with a message that names it.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from contextvars import ContextVar
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field, ValidationError
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+CONFIG_ENV = "CROWDTRAIN_CONFIG"
+_toml_values: ContextVar[dict[str, Any]] = ContextVar("toml_values")
+
+
+class SettingsError(ValueError):
+    """A configuration problem, worded for the person who wrote the configuration."""
+
+
+class _TomlSource(PydanticBaseSettingsSource):
+    """Values from the [server] or [node] table of the TOML file, lowest priority."""
+
+    def get_field_value(self, field, field_name):  # pragma: no cover - __call__ is used
+        return None, field_name, False
+
+    def __call__(self) -> dict[str, Any]:
+        return dict(_toml_values.get({}))
+
+
+class _Settings(BaseSettings):
+    @classmethod
+    def settings_customise_sources(
+        cls, settings_cls, init_settings, env_settings, dotenv_settings, file_secret_settings
+    ):
+        return (init_settings, env_settings, _TomlSource(settings_cls))
+
+
+class ServerSettings(_Settings):
+    """What the coordinator server trains and how it runs its rounds."""
+
+    model_config = SettingsConfigDict(env_prefix="CROWDTRAIN_", extra="forbid")
+
+    host: str = Field("127.0.0.1", description="address to listen on (0.0.0.0 for all)")
+    port: int = Field(8000, ge=0, le=65535, description="TCP port (0 picks a free one)")
+    data_dir: Path = Field(Path("crowdtrain-data"), description="checkpoints, tokenizer, logs")
+    model: str = Field("tiny", description="model preset: tiny, small, gpt2-124m, gpt2-350m")
+    vocab_size: int | None = Field(None, ge=260, le=1 << 20, description="tokenizer vocab size")
+    block_size: int | None = Field(None, ge=8, le=1 << 16, description="context length")
+    seed: int = Field(0, description="seed for the initial weights")
+    algorithm: Literal["sync"] = Field("sync", description="training algorithm")
+    optimizer: str = Field("adamw", description="server optimizer: adamw, nesterov")
+    lr: float = Field(3e-3, gt=0, le=10, description="peak learning rate of the server optimizer")
+    weight_decay: float = Field(0.1, ge=0, le=1)
+    beta1: float = Field(0.9, ge=0, lt=1)
+    beta2: float = Field(0.95, ge=0, lt=1)
+    warmup_versions: int = Field(20, ge=0, description="linear warm-up length in versions")
+    decay_versions: int | None = Field(None, ge=1, description="cosine decay horizon; None: flat")
+    grad_clip: float = Field(1.0, ge=0, description="clip the combined gradient norm; 0: off")
+    aggregator: str = Field("mean", description="how updates are combined: mean")
+    min_nodes: int = Field(1, ge=1, description="quorum: distinct nodes that close a round")
+    round_deadline_s: float = Field(
+        10.0,
+        gt=0,
+        description="a round closes this long after its first update even without quorum",
+    )
+    max_staleness: int = Field(2, ge=0, description="oldest base version accepted, in versions")
+    max_pending_updates: int = Field(
+        64, ge=1, description="accepted updates waiting to be aggregated before new ones get 503"
+    )
+    max_update_mb: float | None = Field(
+        None, gt=0, description="cap on an update body; None: derived from the model size"
+    )
+    checkpoint_every: int = Field(50, ge=1, description="write a checkpoint every N versions")
+    keep_checkpoints: int = Field(3, ge=1, description="how many checkpoints to keep")
+    delta_window: int = Field(32, ge=1, description="published deltas kept for incremental pulls")
+    delta_window_mb: float = Field(1024, gt=0, description="memory cap of that window")
+    eval_every: int = Field(10, ge=1, description="validate every N versions (and when idle)")
+    eval_batches: int = Field(8, ge=1)
+    eval_batch_size: int = Field(16, ge=1)
+
+
+class NodeSettings(_Settings):
+    """How a trainer node connects, trains and compresses."""
+
+    model_config = SettingsConfigDict(env_prefix="CROWDTRAIN_NODE_", extra="forbid")
+
+    server: str = Field("http://127.0.0.1:8000", description="the coordinator's base URL")
+    name: str | None = Field(
+        None,
+        max_length=64,
+        pattern=r"^[A-Za-z0-9._-]+$",
+        description="node name shown by the server; default host-pid",
+    )
+    device: str = Field("auto", description="auto, cpu, cuda or cuda:N")
+    batch_size: int = Field(16, ge=1, le=4096, description="sequences per micro-batch")
+    accumulate: int = Field(1, ge=1, le=1024, description="micro-batches per update")
+    density: float = Field(0.05, gt=0, le=1, description="fraction of entries sent per update")
+    value_codec: str = Field("fp16", description="value encoding: fp16, bf16, fp32")
+    data: Path | None = Field(
+        None, description="train on these .txt/.md files instead of the embedded corpus"
+    )
+    seed: int | None = Field(None, description="data-sampling seed; default from the name")
+    max_updates: int | None = Field(None, ge=1, description="stop after this many updates")
+    duration_s: float | None = Field(None, gt=0, description="stop after this many seconds")
+    threads: int | None = Field(None, ge=1, description="torch CPU threads")
+    overlap: bool = Field(True, description="compute the next step while the last one uploads")
+    request_timeout_s: float = Field(120, gt=0)
+    max_backoff_s: float = Field(30, gt=0, description="longest wait between retries")
+
+
+SECTIONS: dict[str, type[_Settings]] = {"server": ServerSettings, "node": NodeSettings}
+
+
+def load_settings(cls: type[_Settings], config_file: Path | None = None, **overrides: Any):
+    """Build settings from flags (`overrides`, None means unset), env and the TOML file."""
+    section = next(name for name, c in SECTIONS.items() if c is cls)
+    config_file = Path(config_file) if config_file else None
+    config_file = config_file or (
+        Path(os.environ[CONFIG_ENV]) if CONFIG_ENV in os.environ else None
+    )
+    _check_environment(cls)
+    toml_values = _read_toml(config_file, section) if config_file else {}
+    token = _toml_values.set(toml_values)
+    try:
+        return cls(**{k: v for k, v in overrides.items() if v is not None})
+    except ValidationError as exc:
+        raise SettingsError(_describe(exc, cls, config_file)) from None
+    finally:
+        _toml_values.reset(token)
+
+
+def _read_toml(path: Path, section: str) -> dict[str, Any]:
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise SettingsError(f"config file {path} does not exist") from None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise SettingsError(f"config file {path} is not valid TOML: {exc}") from None
+    unknown = set(data) - set(SECTIONS)
+    if unknown:
+        raise SettingsError(
+            f"config file {path}: unknown table(s) {sorted(unknown)}; use [server] and/or [node]"
+        )
+    values = data.get(section, {})
+    if not isinstance(values, dict):
+        raise SettingsError(f"config file {path}: [{section}] must be a table")
+    return values
+
+
+def _check_environment(cls: type[_Settings]) -> None:
+    prefix = cls.model_config["env_prefix"]
+    other_prefixes = [
+        c.model_config["env_prefix"]
+        for c in SECTIONS.values()
+        if len(c.model_config["env_prefix"]) > len(prefix)
+    ]
+    for key in os.environ:
+        upper = key.upper()
+        if not upper.startswith(prefix) or upper == CONFIG_ENV:
+            continue
+        if any(upper.startswith(p) for p in other_prefixes):
+            continue
+        field = upper[len(prefix) :].lower()
+        if field not in cls.model_fields:
+            raise SettingsError(
+                f"unknown setting in environment variable {key}; known: "
+                + ", ".join(prefix + f.upper() for f in cls.model_fields)
+            )
+
+
+def _describe(exc: ValidationError, cls: type[_Settings], config_file: Path | None) -> str:
+    prefix = cls.model_config["env_prefix"]
+    lines = []
+    for err in exc.errors():
+        field = ".".join(str(p) for p in err["loc"])
+        if err["type"] == "extra_forbidden":
+            where = f" (in {config_file})" if config_file else ""
+            lines.append(f"unknown setting {field!r}{where}; known: {', '.join(cls.model_fields)}")
+        else:
+            lines.append(
+                f"setting {field!r} (flag --{field.replace('_', '-')}, env {prefix}{field.upper()})"
+                f": {err['msg']}; got {err.get('input')!r}"
+            )
+    return "invalid configuration:\n  " + "\n  ".join(lines)
