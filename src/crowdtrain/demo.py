@@ -27,6 +27,8 @@ from crowdtrain.protocol.manifest import Manifest
 from crowdtrain.protocol.snapshot import decode_snapshot
 
 STARTUP_TIMEOUT_S = 180.0
+# Close a round on every update: two CPU nodes then never wait for each other.
+DEMO_SERVER_ENV = {"CROWDTRAIN_MIN_NODES": "1", "CROWDTRAIN_ROUND_DEADLINE_S": "5"}
 
 
 @dataclass
@@ -54,53 +56,34 @@ class Swarm:
         self.server: subprocess.Popen | None = None
         self.nodes: list[subprocess.Popen] = []
 
-    def _spawn(self, name: str, args: list[str]) -> subprocess.Popen:
-        log = (self.log_dir / f"{name}.log").open("w")
-        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-        return subprocess.Popen(
-            [sys.executable, "-m", "crowdtrain", *args],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-            env=env,
-            start_new_session=True,
-        )  # our Ctrl-C is handled here, once
-
-    def start_server(self, port: int, data_dir: Path, model: str) -> None:
-        self.server = self._spawn(
-            "server",
-            [
-                "server",
-                "--port",
-                str(port),
-                "--data-dir",
-                str(data_dir),
-                "--model",
-                model,
-                "--min-nodes",
-                "1",
-                "--round-deadline",
-                "5",
-            ],
-        )
-
-    def start_node(self, index: int, url: str, density: float, threads: int) -> None:
-        self.nodes.append(
-            self._spawn(
-                f"node-{index}",
-                [
-                    "node",
-                    "--server",
-                    url,
-                    "--name",
-                    f"demo-node-{index}",
-                    "--density",
-                    str(density),
-                    "--threads",
-                    str(threads),
-                ],
+    def _spawn(self, name: str, args: list[str], env: dict[str, str] | None = None
+               ) -> subprocess.Popen:
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+        with (self.log_dir / f"{name}.log").open("a") as log:
+            return subprocess.Popen(
+                [sys.executable, "-m", "crowdtrain", *args],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                env=env,
+                start_new_session=True,  # Ctrl-C reaches only the demo, which stops the rest
             )
-        )
+
+    def start_server(
+        self, port: int, data_dir: Path, model: str, env: dict[str, str] | None = None
+    ) -> subprocess.Popen:
+        args = ["server", "--port", str(port), "--data-dir", str(data_dir), "--model", model]
+        self.server = self._spawn("server", args, env)
+        return self.server
+
+    def start_node(
+        self, index: int, url: str, density: float, threads: int, extra: tuple[str, ...] = ()
+    ) -> subprocess.Popen:
+        args = ["node", "--server", url, "--name", f"demo-node-{index}"]
+        args += ["--density", str(density), "--threads", str(threads), *extra]
+        node = self._spawn(f"node-{index}", args)
+        self.nodes.append(node)
+        return node
 
     def stop_nodes(self, timeout: float = 30.0) -> None:
         _stop_all(self.nodes, signal.SIGINT, timeout)
@@ -224,7 +207,7 @@ def run_demo(options: DemoOptions, console: Console) -> int:
     threads = max(1, (os.cpu_count() or 2) // (options.nodes + 1))
     try:
         console.print(f"starting a server ({options.model}) on {url} ...")
-        swarm.start_server(port, data_dir, options.model)
+        swarm.start_server(port, data_dir, options.model, DEMO_SERVER_ENV)
         wait_until_up(url, swarm.server, STARTUP_TIMEOUT_S)
         console.print(f"server up: API {url}/api/v1/info, docs {url}/docs")
         before = wait_for_eval(url, 0, 120)

@@ -74,7 +74,7 @@ class ServerSettings(_Settings):
         gt=0,
         description="a round closes this long after its first update even without quorum",
     )
-    max_staleness: int = Field(2, ge=0, description="oldest base version accepted, in versions")
+    max_staleness: int = Field(4, ge=0, description="oldest base version accepted, in versions")
     max_pending_updates: int = Field(
         64, ge=1, description="accepted updates waiting to be aggregated before new ones get 503"
     )
@@ -85,6 +85,7 @@ class ServerSettings(_Settings):
     keep_checkpoints: int = Field(3, ge=1, description="how many checkpoints to keep")
     delta_window: int = Field(32, ge=1, description="published deltas kept for incremental pulls")
     delta_window_mb: float = Field(1024, gt=0, description="memory cap of that window")
+    evaluate: bool = Field(True, description="run the background Evaluator")
     eval_every: int = Field(10, ge=1, description="validate every N versions (and when idle)")
     eval_batches: int = Field(8, ge=1)
     eval_batch_size: int = Field(16, ge=1)

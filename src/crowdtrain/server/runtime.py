@@ -185,7 +185,8 @@ class ServerRuntime:
 
     def start(self) -> None:
         self.coordinator.start()
-        self.evaluator.start(self.coordinator.version)
+        if self.settings.evaluate:
+            self.evaluator.start(self.coordinator.version)
 
     def stop(self) -> None:
         """Apply what was accepted, write a final checkpoint, stop the background threads."""

@@ -1,0 +1,541 @@
+"""How many 1%-dense gpt2-124m updates per second does a real server take in and apply?
+
+For each concurrency (default 1, 4, 16) a fresh `crowdtrain server` (gpt2-124m, min_nodes = the
+number of senders, so a round closes when every sender has contributed) runs on 127.0.0.1, and
+that many sender threads POST precomputed valid updates to /api/v1/updates in a loop for a fixed
+duration; a 503 is retried after the server's Retry-After, as a node does. Measured per
+concurrency: submissions accepted per second, updates applied per second (from
+/api/v1/history), payload MB/s, submit latency, 503 answers, the round's time split, and after a
+drain that every accepted update was applied.
+
+Baselines in the same JSON: the C++ prototype's published figures on a 2-core machine, and this
+run's bare in-process cost of decode_update + WeightedMean.add for one payload in one thread.
+Prints one JSON document on stdout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import statistics
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+
+import httpx
+import numpy as np
+import torch
+
+from _common import (
+    API,
+    ServerProcess,
+    WorkDir,
+    emit,
+    log,
+    machine,
+    percentile,
+    process_cpu_seconds,
+    ratio,
+    rounds_in,
+    stop_all,
+    timed_window,
+)
+from crowdtrain.algorithms.aggregators import WeightedMean
+from crowdtrain.compression.sparse import SparseDelta
+from crowdtrain.protocol.manifest import Manifest
+from crowdtrain.protocol.update import (
+    UPDATE_FORMAT,
+    IntakeLimits,
+    UpdateMeta,
+    decode_update,
+    encode_update,
+)
+
+# The original C++ prototype on this kind of 2-core machine, by number of concurrent senders.
+PROTOTYPE_APPLIED_PER_S = {1: 0.2, 4: 0.36, 16: 0.6}
+PROTOTYPE_P99_LATENCY_S = {1: 0.18, 4: 7.0, 16: 36.0}
+TARGET_P99_LATENCY_S = 1.0  # at the highest concurrency
+TARGET_SPEEDUP_AT_16 = 10.0
+SAMPLES_PER_UPDATE = 16
+TOKENS_PER_SAMPLE = 1024
+TIMING_KEYS = ("aggregate_s", "combine_s", "optimizer_s", "publish_s", "round_s")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description="Updates/s and MB/s a real crowdtrain server (gpt2-124m) decodes, validates "
+        "and aggregates from 1, 4 and 16 concurrent senders; prints JSON on stdout.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument("--model", default="gpt2-124m", help="server model preset")
+    parser.add_argument(
+        "--concurrency",
+        default="1,4,16",
+        help="comma-separated numbers of concurrent senders, one server run each",
+    )
+    parser.add_argument("--density", type=float, default=0.01, help="fraction of entries sent")
+    parser.add_argument("--payloads", type=int, default=4, help="distinct precomputed updates")
+    parser.add_argument("--duration", type=float, default=30.0, help="measured seconds per run")
+    parser.add_argument(
+        "--warmup",
+        type=float,
+        default=5.0,
+        help="seconds of sending after the first round closed, before measuring",
+    )
+    parser.add_argument(
+        "--round-deadline", type=float, default=5.0, help="server's round_deadline_s"
+    )
+    parser.add_argument(
+        "--max-pending",
+        type=int,
+        default=None,
+        help="server's max_pending_updates [default: the server's own default]",
+    )
+    parser.add_argument(
+        "--bare-seconds", type=float, default=10.0, help="seconds of the in-process baseline"
+    )
+    parser.add_argument("--seed", type=int, default=0, help="seed of the random payloads")
+    parser.add_argument(
+        "--keep", type=str, default=None, help="keep server data and logs in this folder"
+    )
+    return parser.parse_args(argv)
+
+
+# ---- payloads ---------------------------------------------------------------------------
+
+
+def random_update(manifest: Manifest, density: float, seed: int) -> dict[str, SparseDelta]:
+    """Sorted unique random int32 indices (~density of each parameter) with fp16 values."""
+    rng = np.random.default_rng(seed)
+    deltas = {}
+    for spec in manifest.params:
+        k = max(1, round(spec.numel * density))
+        indices = np.sort(rng.choice(spec.numel, size=k, replace=False)).astype(np.int32)
+        values = (rng.standard_normal(k, dtype=np.float32) * 1e-3).astype(np.float16)
+        deltas[spec.name] = SparseDelta(torch.from_numpy(indices), torch.from_numpy(values))
+    return deltas
+
+
+def encode_payloads(updates: list[dict[str, SparseDelta]], lineage: str) -> list[bytes]:
+    """Wire bodies (zstd) for a server of this lineage, all computed on version 0."""
+    meta = UpdateMeta(
+        format=UPDATE_FORMAT,
+        value_codec="fp16",
+        kind="gradient",
+        base_version=0,
+        lineage=lineage,
+        samples=SAMPLES_PER_UPDATE,
+        tokens=SAMPLES_PER_UPDATE * TOKENS_PER_SAMPLE,
+        loss=5.0,
+    )
+    return [encode_update(update, meta, "zstd") for update in updates]
+
+
+def raw_nbytes(update: dict[str, SparseDelta]) -> int:
+    return sum(
+        d.values.numel() * d.values.element_size()
+        + (0 if d.indices is None else d.indices.numel() * d.indices.element_size())
+        for d in update.values()
+    )
+
+
+# ---- the in-process baseline ------------------------------------------------------------
+
+
+def bare_ingest(manifest: Manifest, bodies: list[bytes], seconds: float) -> dict:
+    """decode_update + WeightedMean.add of one payload after another, one thread, no HTTP."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        limits = IntakeLimits.for_manifest(manifest)
+        aggregator = WeightedMean({p.name: p.shape for p in manifest.params})
+
+        def ingest(body: bytes) -> tuple[float, float]:
+            started = time.perf_counter()
+            update = decode_update(body, "zstd", manifest, limits)
+            decoded = time.perf_counter()
+            aggregator.add(update.deltas, weight=float(update.meta.samples))
+            return decoded - started, time.perf_counter() - decoded
+
+        ingest(bodies[0])  # first touch of the aggregation buffers
+        decode, aggregate = [], []
+        started = time.perf_counter()
+        while time.perf_counter() - started < seconds or len(decode) < 3:
+            d, a = ingest(bodies[len(decode) % len(bodies)])
+            decode.append(d)
+            aggregate.append(a)
+    finally:
+        torch.set_num_threads(threads)
+    per_update = statistics.fmean(d + a for d, a in zip(decode, aggregate, strict=True))
+    result = {
+        "updates_per_s": round(1 / per_update, 3),
+        "decode_ms": round(1000 * statistics.fmean(decode), 2),
+        "aggregate_ms": round(1000 * statistics.fmean(aggregate), 2),
+        "iterations": len(decode),
+        "threads": 1,
+    }
+    log(
+        f"bare decode + aggregate: {result['updates_per_s']:.2f} updates/s "
+        f"(decode {result['decode_ms']} ms + add {result['aggregate_ms']} ms)"
+    )
+    return result
+
+
+# ---- senders ----------------------------------------------------------------------------
+
+
+@dataclass
+class SenderRecord:
+    """What one sender saw; times are time.time() so they compare with the server's records."""
+
+    posts: list[tuple[float, float, int]] = field(default_factory=list)  # start, end, status
+    accepted: list[tuple[float, float, int]] = field(default_factory=list)  # first try, end, body
+    errors: list[str] = field(default_factory=list)
+
+
+def sender(
+    index: int, url: str, bodies: list[bytes], stop: threading.Event, record: SenderRecord
+) -> None:
+    """POST updates until `stop`; a 503 is retried after Retry-After, as a node does."""
+    headers = {
+        "X-Crowdtrain-Node": f"bench-sender-{index:02d}",
+        "Content-Encoding": "zstd",
+        "Content-Type": "application/octet-stream",
+    }
+    with httpx.Client(base_url=url, timeout=httpx.Timeout(600, connect=10)) as client:
+        sent = index
+        while not stop.is_set():
+            body = bodies[sent % len(bodies)]
+            sent += 1
+            first_try = time.time()
+            while not stop.is_set():
+                began = time.time()
+                try:
+                    response = client.post(API + "/updates", content=body, headers=headers)
+                except httpx.TransportError as exc:
+                    record.errors.append(f"transport: {exc!r}")
+                    stop.wait(1.0)
+                    continue
+                ended = time.time()
+                record.posts.append((began, ended, response.status_code))
+                if response.status_code == 202:
+                    record.accepted.append((first_try, ended, len(body)))
+                    break
+                if response.status_code == 503:
+                    stop.wait(float(response.headers.get("retry-after", "1")))
+                    continue
+                record.errors.append(f"HTTP {response.status_code}: {response.text[:300]}")
+                stop.wait(1.0)
+                break
+
+
+# ---- one concurrency --------------------------------------------------------------------
+
+
+def run_concurrency(
+    senders: int,
+    args: argparse.Namespace,
+    work: WorkDir,
+    updates: list[dict[str, SparseDelta]] | None,
+) -> tuple[dict, dict]:
+    """One fresh server, `senders` threads for warm-up + duration, drain, figures.
+
+    Returns (figures, extras); extras carries the manifest and payloads for the baseline."""
+    settings: dict[str, object] = {
+        "model": args.model,
+        "evaluate": False,
+        "checkpoint_every": 1_000_000,
+        "max_staleness": 1_000_000_000,  # every payload is computed on version 0
+        "min_nodes": senders,
+        "round_deadline_s": args.round_deadline,
+    }
+    if args.max_pending is not None:
+        settings["max_pending_updates"] = args.max_pending
+    data_dir = work.path / f"server-{senders}"
+    server = ServerProcess(work.logs, data_dir, settings, name=f"server-{senders}")
+    extras: dict = {}
+    try:
+        log(f"[{senders} senders] starting a {args.model} server (tokenizer + model) ...")
+        server.wait_until_up()
+        info = server.get("/info")
+        manifest = Manifest.from_json(server.get("/model/manifest")["tensors"])
+        if updates is None:
+            log(f"generating {args.payloads} random updates at density {args.density} ...")
+            updates = [
+                random_update(manifest, args.density, args.seed + i) for i in range(args.payloads)
+            ]
+        bodies = encode_payloads(updates, info["lineage"])
+        extras = {
+            "manifest": manifest,
+            "updates": updates,
+            "bodies": bodies,
+            "parameters": info["model"]["parameters"],
+            "max_pending": info["training"].get("max_pending_updates"),
+        }
+        figures = _send_and_measure(server, senders, bodies, updates, args)
+    finally:
+        server.stop(timeout=120)
+        shutil.rmtree(data_dir, ignore_errors=True)
+    return figures, extras
+
+
+def _send_and_measure(
+    server: ServerProcess,
+    senders: int,
+    bodies: list[bytes],
+    updates: list[dict[str, SparseDelta]],
+    args: argparse.Namespace,
+) -> dict:
+    since = server.get("/health")["version"]
+    stop = threading.Event()
+    records = [SenderRecord() for _ in range(senders)]
+    threads = [
+        threading.Thread(
+            target=sender,
+            args=(i, server.url, bodies, stop, records[i]),
+            name=f"sender-{i}",
+            daemon=True,
+        )
+        for i in range(senders)
+    ]
+    for thread in threads:
+        thread.start()
+    try:
+        deadline = time.monotonic() + 300
+        while not server.rounds(since):
+            if time.monotonic() > deadline or not server.alive():
+                raise RuntimeError(f"no round closed within 300 s:\n{server.log_tail()}")
+            time.sleep(0.5)
+        timed_window(f"[{senders} senders] warm-up", args.warmup)
+        start = time.time()
+        server_cpu, own_cpu = process_cpu_seconds(server.pid), time.process_time()
+
+        def status() -> str:
+            accepted = sum(len(r.accepted) for r in records)
+            return f"{accepted} accepted, v{server.get('/health')['version']}"
+
+        timed_window(f"[{senders} senders] measuring", args.duration, on_tick=status)
+        end, server_cpu_end, own_cpu_end = (
+            time.time(),
+            process_cpu_seconds(server.pid),
+            time.process_time(),
+        )
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join(timeout=600)
+    drained, applied_total = _drain(server, since, sum(len(r.accepted) for r in records), args)
+    return _figures(
+        senders,
+        records,
+        server.rounds(since),
+        (start, end),
+        updates,
+        bodies,
+        drained=drained,
+        applied_total=applied_total,
+        server_cpu=(server_cpu, server_cpu_end),
+        own_cpu=own_cpu_end - own_cpu,
+    )
+
+
+def _drain(
+    server: ServerProcess, since: int, accepted: int, args: argparse.Namespace
+) -> tuple[bool, int]:
+    """Wait until every accepted update has been applied; (drained, applied count)."""
+    deadline = time.monotonic() + args.round_deadline + 180
+    applied = 0
+    while time.monotonic() < deadline:
+        applied = sum(r["updates"] for r in server.rounds(since))
+        if applied >= accepted and server.get("/info")["pending_updates"] == 0:
+            return True, applied
+        time.sleep(1.0)
+    return False, applied
+
+
+def _figures(
+    senders: int,
+    records: list[SenderRecord],
+    rounds: list[dict],
+    window: tuple[float, float],
+    updates: list[dict[str, SparseDelta]],
+    bodies: list[bytes],
+    *,
+    drained: bool,
+    applied_total: int,
+    server_cpu: tuple[float | None, float | None],
+    own_cpu: float,
+) -> dict:
+    start, end = window
+    seconds = end - start
+    posts = [p for r in records for p in r.posts if start <= p[1] <= end]
+    accepted = [a for r in records for a in r.accepted if start <= a[1] <= end]
+    accepted_total = sum(len(r.accepted) for r in records)
+    raw_per_wire = statistics.fmean(raw_nbytes(u) for u in updates) / statistics.fmean(
+        len(b) for b in bodies
+    )
+    wire_bytes = sum(a[2] for a in accepted)
+    window_rounds = rounds_in(rounds, start, end)
+    if len(window_rounds) >= 2:  # between the first and last round closed in the window
+        span = window_rounds[-1]["time"] - window_rounds[0]["time"]
+        applied_per_s = sum(r["updates"] for r in window_rounds[1:]) / span
+    else:
+        applied_per_s = sum(r["updates"] for r in window_rounds) / seconds
+    latencies = [a[1] - a[0] for a in accepted]
+    post_latencies = [p[1] - p[0] for p in posts]
+    cpu_start, cpu_end = server_cpu
+    errors = [e for r in records for e in r.errors]
+    result = {
+        "senders": senders,
+        "accepted_per_s": round(len(accepted) / seconds, 3),
+        "applied_per_s": round(applied_per_s, 3),
+        "payload_wire_mb_per_s": round(wire_bytes / seconds / 1e6, 2),
+        "payload_raw_mb_per_s": round(wire_bytes * raw_per_wire / seconds / 1e6, 2),
+        "submit_latency_s": _quantiles(latencies),
+        "post_latency_s": _quantiles(post_latencies),
+        "responses_503": sum(1 for p in posts if p[2] == 503),
+        "posts": len(posts),
+        "rounds": len(window_rounds),
+        "updates_per_round": _mean(r["updates"] for r in window_rounds),
+        "mean_round_timings_s": {key: _mean(r[key] for r in window_rounds) for key in TIMING_KEYS},
+        "accepted_total": accepted_total,
+        "applied_total": applied_total,
+        "accepted_minus_applied": accepted_total - applied_total,
+        "drained": drained,
+        "errors": len(errors),
+        "first_error": errors[0] if errors else None,
+        "server_cpu_cores_used": (
+            None
+            if cpu_start is None or cpu_end is None
+            else round((cpu_end - cpu_start) / seconds, 3)
+        ),
+        "sender_cpu_cores_used": round(own_cpu / seconds, 3),
+        "window_s": round(seconds, 2),
+    }
+    log(
+        f"[{senders} senders] accepted {result['accepted_per_s']}/s, applied "
+        f"{result['applied_per_s']}/s, p99 submit {result['submit_latency_s']['p99']} s, "
+        f"503s {result['responses_503']}, accepted-applied {result['accepted_minus_applied']}"
+    )
+    return result
+
+
+def _quantiles(values: list[float]) -> dict:
+    return {
+        "p50": _round(percentile(values, 50)),
+        "p99": _round(percentile(values, 99)),
+        "max": _round(max(values) if values else None),
+        "n": len(values),
+    }
+
+
+def _mean(values) -> float | None:
+    values = list(values)
+    return round(statistics.fmean(values), 4) if values else None
+
+
+def _round(value: float | None) -> float | None:
+    return None if value is None else round(value, 4)
+
+
+# ---- the run ----------------------------------------------------------------------------
+
+
+def run(args: argparse.Namespace) -> dict:
+    concurrencies = [int(c) for c in args.concurrency.split(",") if c.strip()]
+    work = WorkDir(args.keep)
+    results: dict[str, dict] = {}
+    bare: dict = {}
+    updates = None
+    extras: dict = {}
+    try:
+        for senders in concurrencies:
+            figures, extras = run_concurrency(senders, args, work, updates)
+            updates = extras["updates"]
+            results[str(senders)] = figures
+            if not bare:  # with the server stopped, so the baseline has the machine to itself
+                bare = bare_ingest(extras["manifest"], extras["bodies"], args.bare_seconds)
+    finally:
+        work.cleanup()
+
+    for senders, figures in results.items():
+        prototype_rate = PROTOTYPE_APPLIED_PER_S.get(int(senders))
+        prototype_p99 = PROTOTYPE_P99_LATENCY_S.get(int(senders))
+        figures["ratios"] = {
+            "applied_vs_prototype": ratio(figures["applied_per_s"], prototype_rate),
+            "p99_latency_vs_prototype": ratio(figures["submit_latency_s"]["p99"], prototype_p99),
+            "applied_vs_bare": ratio(figures["applied_per_s"], bare["updates_per_s"]),
+        }
+    top = str(max(concurrencies))
+    applied_better = [
+        (f["ratios"]["applied_vs_prototype"] or 0) > 1
+        for s, f in results.items()
+        if int(s) in PROTOTYPE_APPLIED_PER_S
+    ]
+    body_sizes = [len(b) for b in extras["bodies"]]
+    return {
+        "benchmark": "server_ingest",
+        "machine": machine(),
+        "settings": {
+            "model": args.model,
+            "parameters": extras["parameters"],
+            "density": args.density,
+            "entries_per_update": sum(d.nnz for d in updates[0].values()),
+            "value_codec": "fp16",
+            "index_dtype": "int32",
+            "content_encoding": "zstd",
+            "distinct_payloads": args.payloads,
+            "payload_raw_mb": round(statistics.fmean(raw_nbytes(u) for u in updates) / 1e6, 3),
+            "payload_wire_mb": round(statistics.fmean(body_sizes) / 1e6, 3),
+            "warmup_s": args.warmup,
+            "duration_s": args.duration,
+            "round_deadline_s": args.round_deadline,
+            "max_pending_updates": extras["max_pending"],
+            "min_nodes": "= senders",
+            "sender_retry_on_503": "after Retry-After",
+        },
+        "bare_in_process": bare,
+        "prototype": {
+            "applied_per_s": {str(k): v for k, v in PROTOTYPE_APPLIED_PER_S.items()},
+            "p99_submit_latency_s": {str(k): v for k, v in PROTOTYPE_P99_LATENCY_S.items()},
+        },
+        "by_senders": results,
+        "ratio_notes": {
+            "applied_vs_prototype": "crowdtrain / prototype applied updates/s (higher is better)",
+            "p99_latency_vs_prototype": "crowdtrain / prototype p99 submit latency (lower is "
+            "better)",
+            "applied_vs_bare": "server applied updates/s / bare decode+add updates/s in one thread",
+        },
+        "targets": {
+            "applied_above_prototype_everywhere": all(applied_better) if applied_better else None,
+            f"applied_vs_prototype_at_{top}": results[top]["ratios"]["applied_vs_prototype"],
+            f"speedup_{TARGET_SPEEDUP_AT_16:g}x_at_16": (
+                (results["16"]["ratios"]["applied_vs_prototype"] or 0) >= TARGET_SPEEDUP_AT_16
+                if "16" in results
+                else None
+            ),
+            f"p99_below_{TARGET_P99_LATENCY_S:g}s_at_{top}": (
+                (results[top]["submit_latency_s"]["p99"] or float("inf")) < TARGET_P99_LATENCY_S
+            ),
+        },
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        emit(run(args))
+    except (RuntimeError, OSError, httpx.HTTPError) as exc:
+        log(f"[bold red]benchmark failed:[/] {exc}")
+        return 1
+    except KeyboardInterrupt:
+        log("interrupted")
+        return 130
+    finally:
+        stop_all()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

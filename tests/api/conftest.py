@@ -1,0 +1,121 @@
+"""The real FastAPI app (create_app) with its runtime, driven in-process by TestClient."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+
+import pytest
+import torch
+from fastapi.testclient import TestClient
+
+from crowdtrain.compression import SparseDelta
+from crowdtrain.protocol.snapshot import decode_snapshot
+from crowdtrain.protocol.update import UPDATE_FORMAT, UpdateMeta, encode_update
+from crowdtrain.server.app import create_app
+from crowdtrain.server.runtime import ServerRuntime
+from crowdtrain.settings import ServerSettings
+
+API = "/api/v1"
+NODE_HEADER = "X-Crowdtrain-Node"
+
+
+class Server:
+    """One running app: its client, its runtime (read-only here) and the calls tests repeat."""
+
+    def __init__(self, client: TestClient, runtime: ServerRuntime):
+        self.client = client
+        self.runtime = runtime
+
+    def get(self, path: str, **kwargs):
+        return self.client.get(API + path, **kwargs)
+
+    def post_update(self, body, node: str | None = "node-a", content_encoding="zstd", **kwargs):
+        headers = dict(kwargs.pop("headers", {}))
+        if node is not None:
+            headers[NODE_HEADER] = node
+        if content_encoding is not None:
+            headers["Content-Encoding"] = content_encoding
+        return self.client.post(API + "/updates", content=body, headers=headers, **kwargs)
+
+    def info(self) -> dict:
+        response = self.get("/info")
+        assert response.status_code == 200
+        return response.json()
+
+    def version(self) -> tuple[int, str]:
+        body = self.get("/model/version").json()
+        return body["version"], body["lineage"]
+
+    def wait_past(self, version: int, timeout: float = 10.0) -> int:
+        """Long-poll /model/version until it passes `version` (fails after `timeout` seconds)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            body = self.get("/model/version", params={"after": version, "wait": 5}).json()
+            if body["version"] > version:
+                return body["version"]
+        raise AssertionError(f"the server did not pass version {version} in {timeout} s")
+
+    def snapshot_bytes(self, dtype: str = "fp32") -> bytes:
+        response = self.get(
+            "/model/snapshot", params={"dtype": dtype}, headers={"Accept-Encoding": "identity"}
+        )
+        assert response.status_code == 200 and "content-encoding" not in response.headers
+        return response.content
+
+    def snapshot_params(self) -> tuple[int, dict[str, torch.Tensor]]:
+        params, meta = decode_snapshot(self.snapshot_bytes(), self.runtime.manifest)
+        return meta["version"], params
+
+    def node(self, node_id: str) -> dict | None:
+        return next((n for n in self.info()["nodes"] if n["node_id"] == node_id), None)
+
+    def update_body(
+        self,
+        base_version: int | None = None,
+        lineage: str | None = None,
+        seed: int = 0,
+        content_encoding: str = "zstd",
+        **meta_changes,
+    ) -> bytes:
+        """A valid update (sparse fp16 for two parameters, dense for one) for the current
+        version and lineage unless told otherwise."""
+        current, current_lineage = self.version()
+        g = torch.Generator().manual_seed(seed)
+        deltas = {}
+        for i, spec in enumerate(self.runtime.manifest.params[:3]):
+            if i == 2:
+                deltas[spec.name] = SparseDelta(None, torch.randn(spec.shape, generator=g).half())
+                continue
+            k = max(1, spec.numel // 100)
+            indices = torch.randperm(spec.numel, generator=g)[:k].sort().values
+            values = torch.randn(k, generator=g).half()
+            deltas[spec.name] = SparseDelta(indices.to(torch.int32), values)
+        fields = dict(
+            format=UPDATE_FORMAT,
+            value_codec="fp16",
+            base_version=current if base_version is None else base_version,
+            lineage=current_lineage if lineage is None else lineage,
+            samples=8,
+            tokens=1024,
+            loss=5.0,
+        )
+        fields.update(meta_changes)
+        return encode_update(deltas, UpdateMeta(**fields), content_encoding)
+
+
+@pytest.fixture(scope="module")
+def server(request, tmp_path_factory) -> Iterator[Server]:
+    """One app per test module (building the runtime trains a tokenizer). A module may set
+    SERVER_SETTINGS, a dict of ServerSettings overrides."""
+    overrides = dict(getattr(request.module, "SERVER_SETTINGS", {}))
+    settings = ServerSettings(
+        data_dir=tmp_path_factory.mktemp("server-data"),
+        model="tiny",
+        evaluate=False,
+        min_nodes=1,
+        **overrides,
+    )
+    app = create_app(settings)
+    with TestClient(app) as client:
+        yield Server(client, app.state.runtime)
