@@ -15,6 +15,7 @@ from pathlib import Path
 
 import httpx
 import torch
+from rich import box
 from rich.console import Console
 from rich.live import Live
 from rich.table import Table
@@ -36,7 +37,7 @@ class DemoOptions:
     duration_s: float = 120.0
     nodes: int = 2
     model: str = "tiny"
-    density: float = 0.1
+    density: float = 0.25
     port: int = 0
     data_dir: Path | None = None
     prompt: str = "The for statement"
@@ -56,8 +57,9 @@ class Swarm:
         self.server: subprocess.Popen | None = None
         self.nodes: list[subprocess.Popen] = []
 
-    def _spawn(self, name: str, args: list[str], env: dict[str, str] | None = None
-               ) -> subprocess.Popen:
+    def _spawn(
+        self, name: str, args: list[str], env: dict[str, str] | None = None
+    ) -> subprocess.Popen:
         env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
         with (self.log_dir / f"{name}.log").open("a") as log:
             return subprocess.Popen(
@@ -140,22 +142,14 @@ def wait_for_eval(url: str, version: int, timeout: float) -> float | None:
     return None
 
 
-def status_table(info: dict, history: dict, remaining: float, url: str) -> Table:
-    table = Table(title=f"crowdtrain demo at {url}  (API docs: {url}/docs)", expand=False)
-    for column in (
-        "version",
-        "train loss",
-        "valid loss",
-        "nodes",
-        "tokens",
-        "tokens/s",
-        "uploaded",
-        "time left",
-    ):
+def status_table(info: dict, history: dict, remaining: float) -> Table:
+    """One compact row (fits 80 columns): where training stands now."""
+    table = Table(box=box.SIMPLE_HEAD, title="crowdtrain demo", title_justify="left")
+    for column in ("version", "train", "valid", "nodes", "tokens", "tok/s", "sent", "left"):
         table.add_column(column, justify="right")
     rounds, evals = history["rounds"], history["evals"]
     train = f"{rounds[-1]['train_loss']:.3f}" if rounds else "-"
-    valid = f"{evals[-1]['valid_loss']:.3f} (v{evals[-1]['version']})" if evals else "-"
+    valid = f"{evals[-1]['valid_loss']:.3f}" if evals else "-"
     rate = "-"
     recent = [r for r in rounds if r["time"] > time.time() - 10]
     if len(recent) >= 2:
@@ -209,7 +203,7 @@ def run_demo(options: DemoOptions, console: Console) -> int:
         console.print(f"starting a server ({options.model}) on {url} ...")
         swarm.start_server(port, data_dir, options.model, DEMO_SERVER_ENV)
         wait_until_up(url, swarm.server, STARTUP_TIMEOUT_S)
-        console.print(f"server up: API {url}/api/v1/info, docs {url}/docs")
+        console.print(f"server up at {url}  (API docs: {url}/docs)")
         before = wait_for_eval(url, 0, 120)
         console.print(f"validation loss of the untrained model: {before:.3f}")
         for i in range(options.nodes):
@@ -231,7 +225,7 @@ def run_demo(options: DemoOptions, console: Console) -> int:
                 history = httpx.get(
                     f"{url}/api/v1/history", params={"since": -1}, timeout=30
                 ).json()
-                live.update(status_table(info, history, remaining, url))
+                live.update(status_table(info, history, remaining))
                 time.sleep(min(1.0, max(remaining, 0)))
         return _finish(options, swarm, url, before, console)
     except KeyboardInterrupt:
@@ -252,7 +246,7 @@ def run_demo(options: DemoOptions, console: Console) -> int:
 def _finish(
     options: DemoOptions, swarm: Swarm, url: str, before: float | None, console: Console
 ) -> int:
-    console.print("stopping the nodes ...")
+    console.print("\nstopping the nodes ...")
     swarm.stop_nodes()
     version = httpx.get(f"{url}/api/v1/info", timeout=30).json()["version"]
     after = wait_for_eval(url, version, 120)

@@ -53,8 +53,19 @@ class Server:
         while time.monotonic() < deadline:
             body = self.get("/model/version", params={"after": version, "wait": 5}).json()
             if body["version"] > version:
+                self._wait_for_round_record(body["version"], deadline)
                 return body["version"]
         raise AssertionError(f"the server did not pass version {version} in {timeout} s")
+
+    def _wait_for_round_record(self, version: int, deadline: float) -> None:
+        """The round's record lands after the version bump (with the totals); wait for it so
+        that state read next is settled."""
+        while time.monotonic() < deadline:
+            rounds = self.get("/history", params={"since": version - 1}).json()["rounds"]
+            if any(r["version"] == version for r in rounds):
+                return
+            time.sleep(0.01)
+        raise AssertionError(f"no history record for version {version}")
 
     def snapshot_bytes(self, dtype: str = "fp32") -> bytes:
         response = self.get(
@@ -101,7 +112,8 @@ class Server:
             loss=5.0,
         )
         fields.update(meta_changes)
-        return encode_update(deltas, UpdateMeta(**fields), content_encoding)
+        # model_construct skips validation, so tests can also build deliberately bad metadata
+        return encode_update(deltas, UpdateMeta.model_construct(**fields), content_encoding)
 
 
 @pytest.fixture(scope="module")

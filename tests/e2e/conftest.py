@@ -29,8 +29,8 @@ class E2E:
         wait_until_up(self.url, self.swarm.server, timeout=120)
 
     def start_nodes(self, count: int, *args: str) -> None:
-        for i in range(count):
-            self.swarm.start_node(len(self.swarm.nodes), self.url, 0.1, 1, args)
+        for _ in range(count):
+            self.swarm.start_node(len(self.swarm.nodes), self.url, 0.25, 1, args)
 
     def get(self, path: str, **params) -> dict:
         return httpx.get(f"{self.url}/api/v1{path}", params=params, timeout=60).json()
@@ -46,8 +46,10 @@ class E2E:
         raise AssertionError(f"timed out waiting for {what}\n{self.logs()}")
 
     def logs(self) -> str:
-        return "\n".join(f"--- {p.name}\n{p.read_text(errors='replace')[-3000:]}"
-                         for p in sorted((self.root / "logs").glob("*.log")))
+        return "\n".join(
+            f"--- {p.name}\n{p.read_text(errors='replace')[-3000:]}"
+            for p in sorted((self.root / "logs").glob("*.log"))
+        )
 
 
 @pytest.fixture

@@ -22,10 +22,18 @@ def test_replica_stays_bit_identical_after_many_rounds(e2e):
     generator = torch.Generator().manual_seed(0)
     try:
         for _ in range(ROUNDS):
-            gradients = {p.name: torch.randn(p.shape, generator=generator) * 0.01
-                         for p in manifest.params}
-            meta = UpdateMeta(format=UPDATE_FORMAT, value_codec="fp16", base_version=version,
-                              lineage=lineage, samples=4, tokens=512, loss=5.0)
+            gradients = {
+                p.name: torch.randn(p.shape, generator=generator) * 0.01 for p in manifest.params
+            }
+            meta = UpdateMeta(
+                format=UPDATE_FORMAT,
+                value_codec="fp16",
+                base_version=version,
+                lineage=lineage,
+                samples=4,
+                tokens=512,
+                loss=5.0,
+            )
             client.submit(encode_update(compressor.compress(gradients), meta))
             chain = client.deltas(version, lineage, manifest, wait=30)
             assert chain and chain[0][0] == version + 1

@@ -29,8 +29,11 @@ def test_server_killed_and_restarted_nodes_continue(e2e):
     assert info["resumed_from"] == newest
     assert newest <= info["version"] <= newest + 5  # the nodes may already be back
 
-    e2e.wait_for(lambda: e2e.get("/info")["version"] >= newest + 20, 120,
-                 "training to continue after the restart")
+    e2e.wait_for(
+        lambda: e2e.get("/info")["version"] >= newest + 20,
+        120,
+        "training to continue after the restart",
+    )
     assert all(node.poll() is None for node in e2e.swarm.nodes), e2e.logs()
     after = {n["node_id"]: n for n in e2e.get("/info")["nodes"]}
     assert set(after) == {"demo-node-0", "demo-node-1"}

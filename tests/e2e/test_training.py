@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import pytest
 
+from crowdtrain.server.checkpoints import CheckpointStore
+
 pytestmark = pytest.mark.slow
 
 
@@ -17,9 +19,14 @@ def test_two_nodes_train_and_validation_loss_falls(e2e):
     info = e2e.get("/info")
     final = info["version"]
     assert final >= 50, e2e.logs()
-    evals = e2e.wait_for(lambda: [e for e in e2e.get("/history")["evals"]
-                                  if e["version"] == final] and e2e.get("/history")["evals"],
-                         30, "the final evaluation")
+    evals = e2e.wait_for(
+        lambda: (
+            [e for e in e2e.get("/history")["evals"] if e["version"] == final]
+            and e2e.get("/history")["evals"]
+        ),
+        30,
+        "the final evaluation",
+    )
     first, last = evals[0], evals[-1]
     assert first["version"] == 0 and last["version"] == final
     print("validation loss", first["valid_loss"], "->", last["valid_loss"], "at", final)
@@ -36,3 +43,8 @@ def test_two_nodes_train_and_validation_loss_falls(e2e):
     assert len(rounds) == final
     assert sum(r["updates"] for r in rounds) == info["totals"]["updates"]
     assert info["totals"]["updates"] == sum(n["updates_accepted"] for n in nodes.values())
+
+    # SIGTERM: the server drains, writes a final checkpoint of the last version, exits cleanly
+    e2e.swarm.stop_server()
+    assert e2e.swarm.server.returncode == 0, e2e.logs()
+    assert CheckpointStore(e2e.data_dir / "checkpoints").list()[0][0] == final

@@ -108,12 +108,6 @@ def test_bf16_input_round_trips(name):
     assert torch.equal(back, values.float())
 
 
-@pytest.mark.xfail(
-    reason="BUG: Float16Codec clamps in the input dtype; for bf16 input 65504 rounds to 65536, "
-    "which overflows to inf in fp16 (codecs.py Float16Codec._compress)",
-    raises=AssertionError,
-    strict=True,
-)
 def test_fp16_clamps_large_bf16_input():
     codec = get_value_codec("fp16")
     wire = codec.compress(torch.tensor([1e5, -1e5], dtype=torch.bfloat16))
@@ -258,12 +252,6 @@ def test_restore_puts_a_refused_update_back(density, codec_name):
     assert torch.equal(compressor.residuals["w"], x + old)
 
 
-@pytest.mark.xfail(
-    reason="BUG: TopKCompressor.compress calls accumulated.view(-1), which fails for a "
-    "non-contiguous input such as a transposed tensor (compression/topk.py)",
-    raises=RuntimeError,
-    strict=True,
-)
 def test_compress_accepts_a_non_contiguous_tensor():
     compressor = TopKCompressor(0.5, get_value_codec("fp32"))
     x = torch.arange(12.0).reshape(3, 4).t()

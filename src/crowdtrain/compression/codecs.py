@@ -48,7 +48,8 @@ class Float16Codec(ValueCodec):
     def _compress(self, values: torch.Tensor) -> torch.Tensor:
         # fp16 overflows above 65504; clamp so a large gradient entry is sent as the largest
         # finite value (the rest stays in the error-feedback residual) instead of as inf.
-        return values.clamp(-65504.0, 65504.0).to(torch.float16)
+        # clamp in fp32: in bf16, 65504 itself rounds up to 65536, which is inf in fp16
+        return values.float().clamp(-65504.0, 65504.0).to(torch.float16)
 
 
 class BFloat16Codec(ValueCodec):

@@ -61,6 +61,7 @@ class TopKCompressor:
         for name, tensor in tensors.items():
             residual = self.residuals.get(name)
             accumulated = tensor.detach().float() + (residual if residual is not None else 0.0)
+            accumulated = accumulated.contiguous()  # a transposed input keeps its strides
             flat = accumulated.view(-1)
             if self.density >= 1.0:
                 wire = self.codec.compress(accumulated)

@@ -26,7 +26,7 @@ class Stopped(Exception):
     """The node was asked to stop while it waited for the server."""
 
 
-class Refused(Exception):
+class Refused(RuntimeError):
     """The server answered 4xx: it read the request and said no."""
 
     def __init__(self, status: int, body: dict):

@@ -55,7 +55,18 @@ def decompress(data: bytes, encoding: str | None, max_output: int) -> bytes:
 def accepts(accept_encoding: str | None, encoding: str) -> bool:
     """True when an Accept-Encoding header admits `encoding` (q=0 excludes it)."""
     for item in (accept_encoding or "").split(","):
-        name, _, params = item.strip().partition(";")
-        if name.strip().lower() == encoding and "q=0" not in params.replace(" ", "").split(";"):
+        name, *params = (part.strip() for part in item.split(";"))
+        if name.lower() == encoding and _quality(params) > 0:
             return True
     return False
+
+
+def _quality(params: list[str]) -> float:
+    for param in params:
+        key, _, value = param.partition("=")
+        if key.strip().lower() == "q":
+            try:
+                return float(value)
+            except ValueError:
+                return 0.0
+    return 1.0

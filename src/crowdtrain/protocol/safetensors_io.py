@@ -33,7 +33,7 @@ def read_header(data: bytes, max_header: int = MAX_HEADER_BYTES) -> tuple[dict, 
         raise WireError(400, "bad_container", "header length points past the end of the body")
     try:
         header = json.loads(data[8 : 8 + header_len])
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except (ValueError, RecursionError) as exc:  # bad UTF-8, bad JSON, absurd nesting
         raise WireError(400, "bad_container", f"header is not valid JSON: {exc}") from None
     if not isinstance(header, dict):
         raise WireError(400, "bad_container", "header must be a JSON object")

@@ -30,6 +30,10 @@ def decode_snapshot(raw: bytes, manifest: Manifest) -> tuple[dict[str, torch.Ten
     header, meta = safetensors_io.read_header(raw)
     if meta.get("format") != SNAPSHOT_FORMAT:
         raise WireError(400, "bad_snapshot", f"not a snapshot (format {meta.get('format')!r})")
+    try:
+        _version_of(meta.get("version"))
+    except ValueError:
+        raise WireError(400, "bad_snapshot", "snapshot metadata lacks a valid version") from None
     if set(header) != set(manifest.by_name):
         raise WireError(400, "bad_snapshot", "snapshot tensors do not match the manifest")
     tensors = safetensors_io.load(raw)
@@ -37,7 +41,10 @@ def decode_snapshot(raw: bytes, manifest: Manifest) -> tuple[dict[str, torch.Ten
         if tuple(tensors[name].shape) != spec.shape:
             raise WireError(400, "bad_snapshot", f"snapshot tensor {name} has the wrong shape")
     params = {name: tensors[name].to(torch.float32) for name in manifest.by_name}
-    return params, {"version": int(meta["version"]), "lineage": meta["lineage"]}
+    return params, {
+        "version": _version_of(meta.get("version")),
+        "lineage": _lineage_of(meta, "bad_snapshot"),
+    }
 
 
 def encode_deltas(chain: list[tuple[int, dict[str, torch.Tensor]]], lineage: str) -> bytes:
@@ -55,7 +62,14 @@ def decode_deltas(
     header, meta = safetensors_io.read_header(raw)
     if meta.get("format") != DELTAS_FORMAT:
         raise WireError(400, "bad_deltas", f"not a delta chain (format {meta.get('format')!r})")
-    versions = json.loads(meta["versions"])
+    try:
+        versions = [_version_of(v) for v in json.loads(meta.get("versions", ""))]
+    except (ValueError, TypeError):
+        raise WireError(
+            400,
+            "bad_deltas",
+            "delta chain metadata 'versions' must be a JSON list of version numbers",
+        ) from None
     tensors = safetensors_io.load(raw) if header else {}
     chain = []
     for version in versions:
@@ -65,5 +79,22 @@ def decode_deltas(
             if tensor is None or tuple(tensor.shape) != spec.shape:
                 raise WireError(400, "bad_deltas", f"delta {version}/{name} missing or misshapen")
             deltas[name] = tensor
-        chain.append((int(version), deltas))
-    return chain, meta["lineage"]
+        chain.append((version, deltas))
+    return chain, _lineage_of(meta, "bad_deltas")
+
+
+def _version_of(value) -> int:
+    """A version number from metadata; ValueError for anything but a non-negative integer."""
+    if isinstance(value, bool) or not isinstance(value, (int, str)):
+        raise ValueError(f"bad version {value!r}")
+    version = int(value)
+    if version < 0:
+        raise ValueError(f"bad version {value!r}")
+    return version
+
+
+def _lineage_of(meta: dict[str, str], code: str) -> str:
+    lineage = meta.get("lineage")
+    if not lineage:
+        raise WireError(400, code, "metadata lacks the lineage of the weights")
+    return lineage

@@ -68,8 +68,8 @@ class CheckpointStore:
             "version": str(checkpoint.version),
             "info": json.dumps(checkpoint.info),
             "optimizer": json.dumps(optimizer_meta),
-            "sha256": _digest(tensors),
         }
+        metadata["sha256"] = _digest(tensors, metadata)
         path = self.path_for(checkpoint.version)
         write_atomic(path, save_tensors(tensors, metadata=metadata))
         self.prune()
@@ -88,13 +88,16 @@ class CheckpointStore:
             raise CorruptCheckpoint(f"{path.name}: unreadable ({exc})") from None
         if metadata.get("format") != CHECKPOINT_FORMAT:
             raise CorruptCheckpoint(f"{path.name}: not a crowdtrain checkpoint")
-        if metadata.get("sha256") != _digest(tensors):
+        if metadata.get("sha256") != _digest(tensors, metadata):
             raise CorruptCheckpoint(f"{path.name}: checksum mismatch (the file is corrupt)")
         params = {k.removeprefix("model."): v for k, v in tensors.items() if k.startswith("model.")}
-        optimizer_state = _unflatten_optimizer(tensors, json.loads(metadata["optimizer"]))
-        return Checkpoint(
-            int(metadata["version"]), params, optimizer_state, json.loads(metadata["info"])
-        )
+        try:
+            optimizer_state = _unflatten_optimizer(tensors, json.loads(metadata["optimizer"]))
+            return Checkpoint(
+                int(metadata["version"]), params, optimizer_state, json.loads(metadata["info"])
+            )
+        except (KeyError, ValueError, TypeError) as exc:
+            raise CorruptCheckpoint(f"{path.name}: bad metadata ({exc})") from None
 
     def load_latest(self) -> Checkpoint | None:
         """The newest checkpoint that reads back whole; corrupt ones are skipped with a warning."""
@@ -132,8 +135,11 @@ def _unflatten_optimizer(tensors: dict[str, torch.Tensor], meta: dict[str, Any])
     return {"state": state, "param_groups": meta["param_groups"]}
 
 
-def _digest(tensors: dict[str, torch.Tensor]) -> str:
+def _digest(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> str:
+    """sha256 over the metadata (all but the digest itself) and every tensor's bytes."""
     hasher = hashlib.sha256()
+    for key in sorted(k for k in metadata if k != "sha256"):
+        hasher.update(f"{key}={metadata[key]}\n".encode())
     for name in sorted(tensors):
         tensor = tensors[name]
         hasher.update(name.encode())

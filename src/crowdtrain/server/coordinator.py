@@ -259,15 +259,18 @@ class Coordinator:
             version = self.version + 1
             self._window.append((version, deltas))
             self._trim_window()
+            for key, value in (
+                ("updates", r.updates),
+                ("samples", r.samples),
+                ("tokens", r.tokens),
+                ("wire_bytes", r.wire_bytes),
+            ):
+                self.totals[key] += value  # before the version shows, so readers agree
             with self._version_cond:
                 self.version = version
                 self._version_cond.notify_all()
         t3 = time.perf_counter()
         timings.update(combine_s=t1 - t0, optimizer_s=t2 - t1, publish_s=t3 - t2)
-        self.totals["updates"] += r.updates
-        self.totals["samples"] += r.samples
-        self.totals["tokens"] += r.tokens
-        self.totals["wire_bytes"] += r.wire_bytes
         record = {
             "version": version,
             "time": time.time(),

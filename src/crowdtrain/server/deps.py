@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from typing import Annotated
 
 from fastapi import Depends, Header, Request
@@ -10,6 +11,7 @@ from crowdtrain.protocol.errors import WireError
 from crowdtrain.server.runtime import ServerRuntime
 
 NODE_ID_HEADER = "X-Crowdtrain-Node"
+NODE_ID_PATTERN = re.compile(r"[A-Za-z0-9._-]{1,64}")
 
 
 def _runtime(request: Request) -> ServerRuntime:
@@ -19,7 +21,7 @@ def _runtime(request: Request) -> ServerRuntime:
 def _node_id(x_crowdtrain_node: Annotated[str | None, Header()] = None) -> str:
     # Until node authentication lands (issue 5) a node names itself in this header.
     node_id = (x_crowdtrain_node or "anonymous").strip()
-    if not (0 < len(node_id) <= 64) or not all(c.isalnum() or c in "._-" for c in node_id):
+    if not NODE_ID_PATTERN.fullmatch(node_id):
         raise WireError(
             400,
             "bad_node_id",

@@ -60,8 +60,9 @@ async def submit_update(
     shapes against the manifest, indices in range and strictly increasing, finite values,
     metadata types. 409 when its base version is too old (or from before a server restart)."""
     limits = runtime.limits
-    body = await read_body_capped(request, limits.max_body_bytes)
+    body = b""
     try:
+        body = await read_body_capped(request, limits.max_body_bytes)
         update = await anyio.to_thread.run_sync(
             decode_update, body, content_encoding, runtime.manifest, limits
         )

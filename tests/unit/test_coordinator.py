@@ -1,0 +1,157 @@
+"""The Coordinator's round logic on a small parameter set, without HTTP."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import torch
+
+from crowdtrain.algorithms.aggregators import WeightedMean
+from crowdtrain.algorithms.optimizers import OptimizerConfig, build_optimizer
+from crowdtrain.algorithms.strategies import SyncStrategy
+from crowdtrain.compression.sparse import SparseDelta
+from crowdtrain.protocol.errors import WireError
+from crowdtrain.protocol.update import UPDATE_FORMAT, DecodedUpdate, UpdateMeta
+from crowdtrain.server.coordinator import Coordinator, RoundPolicy
+
+SHAPES = {"w": (4, 3), "b": (5,)}
+
+
+def make_coordinator(**policy) -> Coordinator:
+    torch.manual_seed(0)
+    params = {n: torch.nn.Parameter(torch.randn(s)) for n, s in SHAPES.items()}
+    optimizer = build_optimizer(params.values(), OptimizerConfig(lr=0.1))
+    defaults = dict(min_nodes=2, deadline_s=30.0, max_staleness=1, warmup_versions=0)
+    return Coordinator(
+        params,
+        optimizer,
+        SyncStrategy(grad_clip=0.0),
+        WeightedMean(SHAPES),
+        RoundPolicy(**{**defaults, **policy}),
+    )
+
+
+def update(
+    c: Coordinator,
+    base: int | None = None,
+    samples: int = 4,
+    scale: float = 1.0,
+    lineage: str | None = None,
+) -> DecodedUpdate:
+    meta = UpdateMeta(
+        format=UPDATE_FORMAT,
+        value_codec="fp32",
+        base_version=c.version if base is None else base,
+        lineage=lineage or c.lineage,
+        samples=samples,
+        tokens=samples * 8,
+        loss=3.0,
+    )
+    deltas = {
+        "w": SparseDelta(torch.tensor([0, 5], dtype=torch.int32), torch.tensor([scale, -scale])),
+        "b": SparseDelta(None, torch.full((5,), scale)),
+    }
+    return DecodedUpdate(meta, deltas, wire_bytes=100, raw_bytes=200)
+
+
+def wait_version(c: Coordinator, version: int) -> None:
+    assert c.wait_for_version(version - 1, timeout=10) == version
+
+
+def test_round_waits_for_quorum_of_distinct_nodes():
+    c = make_coordinator()
+    c.start()
+    try:
+        c.submit("a", update(c))
+        c.submit("a", update(c))  # a second update from the same node is not a quorum
+        assert c.wait_for_version(0, timeout=0.5) == 0
+        c.submit("b", update(c))
+        wait_version(c, 1)
+    finally:
+        c.stop()
+    assert c.totals["updates"] == 3 and c.totals["samples"] == 12
+
+
+def test_round_closes_on_deadline_without_quorum():
+    c = make_coordinator(deadline_s=0.3)
+    c.start()
+    try:
+        started = time.monotonic()
+        c.submit("a", update(c))
+        wait_version(c, 1)
+        assert time.monotonic() - started >= 0.3
+    finally:
+        c.stop()
+
+
+def test_published_delta_is_exactly_what_was_applied():
+    c = make_coordinator(min_nodes=1)
+    before = {n: p.detach().clone() for n, p in c.params.items()}
+    c.start()
+    try:
+        c.submit("a", update(c, scale=0.37))
+        wait_version(c, 1)
+        chain = c.deltas_since(0, c.lineage)
+    finally:
+        c.stop()
+    assert [v for v, _ in chain] == [1]
+    for name, p in c.params.items():
+        replica = before[name].clone()
+        replica.add_(chain[0][1][name])
+        assert torch.equal(replica, p.detach())
+        assert not torch.equal(replica, before[name])
+
+
+def test_stale_future_and_foreign_updates_are_refused_without_state_change():
+    c = make_coordinator(min_nodes=1, max_staleness=1)
+    c.start()
+    try:
+        for expected in (1, 2, 3):
+            c.submit("a", update(c))
+            wait_version(c, expected)
+        snapshot = c.snapshot()
+        with pytest.raises(WireError) as stale:
+            c.submit("a", update(c, base=1))
+        assert (stale.value.status, stale.value.code) == (409, "stale")
+        assert stale.value.extra["current_version"] == 3
+        with pytest.raises(WireError) as future:
+            c.submit("a", update(c, base=4))
+        assert future.value.code == "resync"
+        with pytest.raises(WireError) as foreign:
+            c.submit("a", update(c, lineage="another-run"))
+        assert foreign.value.code == "resync"
+        assert c.pending == 0
+        version, params = c.snapshot()
+        assert version == snapshot[0] == 3
+        assert all(torch.equal(params[n], snapshot[1][n]) for n in params)
+    finally:
+        c.stop()
+
+
+def test_full_queue_answers_busy_and_stop_drains_every_accepted_update():
+    c = make_coordinator(min_nodes=3, max_pending=2)  # not started: nothing is consumed
+    c.submit("a", update(c))
+    c.submit("b", update(c))
+    with pytest.raises(WireError) as busy:
+        c.submit("c", update(c))
+    assert busy.value.status == 503
+    c.start()
+    c.stop(drain=True)  # the two accepted updates close a (partial) round on the way out
+    assert c.version == 1 and c.totals["updates"] == 2
+
+
+def test_deltas_since_needs_snapshot_outside_window():
+    c = make_coordinator(min_nodes=1, delta_window=2)
+    c.start()
+    try:
+        for expected in range(1, 5):
+            c.submit("a", update(c))
+            wait_version(c, expected)
+        assert c.deltas_since(4, c.lineage) == []
+        assert [v for v, _ in c.deltas_since(2, c.lineage)] == [3, 4]
+        assert c.deltas_since(1, c.lineage) is None  # version 2 fell out of the window
+        assert c.deltas_since(5, c.lineage) is None  # ahead of the server
+        assert c.deltas_since(4, "other") is None
+    finally:
+        c.stop()
