@@ -9,6 +9,7 @@ from pathlib import Path
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from crowdtrain import __version__
 from crowdtrain.settings import NodeSettings, ServerSettings, SettingsError, load_settings
@@ -23,11 +24,11 @@ app = typer.Typer(
 )
 console = Console(stderr=True)
 
-CONFIG_HELP = "TOML file with [server] and/or [node] tables (also CROWDTRAIN_CONFIG)."
+CONFIG_HELP = "TOML file with server and/or node tables (also CROWDTRAIN_CONFIG)."
 
 
 def _fail(message: str, code: int = 2) -> None:
-    console.print(f"[bold red]error:[/] {message}", highlight=False)
+    console.print(f"[bold red]error:[/] {escape(message)}", highlight=False)
     raise typer.Exit(code)
 
 
@@ -55,20 +56,20 @@ def server(
     config: Path | None = typer.Option(None, "--config", help=CONFIG_HELP),
     host: str | None = typer.Option(
         None,
-        help="Address to listen on [default: 127.0.0.1]; "
+        help="Address to listen on (default: 127.0.0.1); "
         "0.0.0.0 accepts nodes from other machines.",
     ),
-    port: int | None = typer.Option(None, help="TCP port [default: 8000]; 0 picks a free one."),
+    port: int | None = typer.Option(None, help="TCP port (default: 8000); 0 picks a free one."),
     data_dir: Path | None = typer.Option(
         None,
-        help="Where checkpoints, the tokenizer and the history live [default: ./crowdtrain-data].",
+        help="Where checkpoints, the tokenizer and the history live (default: ./crowdtrain-data).",
     ),
     model: str | None = typer.Option(
         None,
-        help="Model preset: tiny (~1M params, CPU), small, gpt2-124m, gpt2-350m [default: tiny].",
+        help="Model preset: tiny (~1M params, CPU), small, gpt2-124m, gpt2-350m (default: tiny).",
     ),
     min_nodes: int | None = typer.Option(
-        None, help="Updates from this many distinct nodes close a round [default: 1]."
+        None, help="Updates from this many distinct nodes close a round (default: 1)."
     ),
     round_deadline: float | None = typer.Option(
         None, "--round-deadline", help="Seconds after a round's first update when it closes anyway."
@@ -86,6 +87,9 @@ def server(
     It resumes from the newest valid checkpoint in --data-dir. Ctrl-C (or SIGTERM) applies the
     updates already accepted and writes a final checkpoint before exiting. The HTTP API lives
     under /api/v1; its interactive documentation is at /docs.
+
+    Every setting (more than the flags below) can also come from a CROWDTRAIN_* environment
+    variable or a TOML file given with --config; see docs/configuration.md.
     """
     from crowdtrain.server.app import run_server
 
@@ -130,17 +134,17 @@ def server(
 @app.command()
 def node(
     server: str | None = typer.Option(
-        None, "--server", "-s", help="The coordinator's URL [default: http://127.0.0.1:8000]."
+        None, "--server", "-s", help="The coordinator's URL (default: http://127.0.0.1:8000)."
     ),
     config: Path | None = typer.Option(None, "--config", help=CONFIG_HELP),
-    name: str | None = typer.Option(None, help="Name shown by the server [default: host-pid]."),
+    name: str | None = typer.Option(None, help="Name shown by the server (default: host-pid)."),
     device: str | None = typer.Option(None, help="auto (cuda when present), cpu, cuda, cuda:N."),
-    batch_size: int | None = typer.Option(None, help="Sequences per micro-batch [default: 16]."),
-    accumulate: int | None = typer.Option(None, help="Micro-batches per update [default: 1]."),
+    batch_size: int | None = typer.Option(None, help="Sequences per micro-batch (default: 16)."),
+    accumulate: int | None = typer.Option(None, help="Micro-batches per update (default: 1)."),
     density: float | None = typer.Option(
         None,
         help="Fraction of gradient entries sent each "
-        "update, 0-1 [default: 0.05]; the rest is kept and "
+        "update, 0-1 (default: 0.05); the rest is kept and "
         "sent later (error feedback).",
     ),
     data: Path | None = typer.Option(
@@ -153,13 +157,16 @@ def node(
     overlap: bool | None = typer.Option(
         None,
         "--overlap/--no-overlap",
-        help="Compute the next step while the last upload is in flight [default: on].",
+        help="Compute the next step while the last upload is in flight (default: on).",
     ),
 ) -> None:
     """Join a training run: pull the model, train on local batches, push compressed updates.
 
     The node keeps retrying while the server is unreachable and resyncs by itself after a
     server restart. Ctrl-C finishes the upload in flight and exits.
+
+    Every setting can also come from a CROWDTRAIN_NODE_* environment variable or a TOML file
+    given with --config; see docs/configuration.md.
     """
     from crowdtrain.node.runner import Node
 
@@ -201,11 +208,11 @@ def demo(
     nodes: int = typer.Option(2, min=1, max=16, help="Trainer node processes to start."),
     model: str = typer.Option("tiny", help="Model preset (tiny trains well on a laptop CPU)."),
     density: float = typer.Option(
-        0.1, min=1e-4, max=1.0, help="Fraction of entries each node sends per update."
+        0.25, min=1e-4, max=1.0, help="Fraction of entries each node sends per update."
     ),
     port: int = typer.Option(0, help="Server port (0 picks a free one)."),
     data_dir: Path | None = typer.Option(
-        None, help="Keep the server's data here [default: a temporary folder, removed afterwards]."
+        None, help="Keep the server's data here (default: a temporary folder, removed afterwards)."
     ),
     prompt: str = typer.Option("The for statement", help="Prompt for the sample generation."),
 ) -> None:

@@ -18,6 +18,7 @@ import torch
 from rich import box
 from rich.console import Console
 from rich.live import Live
+from rich.markup import escape
 from rich.table import Table
 
 from crowdtrain.model.generate import generate
@@ -199,12 +200,15 @@ def run_demo(options: DemoOptions, console: Console) -> int:
     url = f"http://127.0.0.1:{port}"
     swarm = Swarm(log_dir)
     threads = max(1, (os.cpu_count() or 2) // (options.nodes + 1))
+    failed = True  # keep the logs unless the demo gets to its report
     try:
         console.print(f"starting a server ({options.model}) on {url} ...")
         swarm.start_server(port, data_dir, options.model, DEMO_SERVER_ENV)
         wait_until_up(url, swarm.server, STARTUP_TIMEOUT_S)
         console.print(f"server up at {url}  (API docs: {url}/docs)")
         before = wait_for_eval(url, 0, 120)
+        if before is None:
+            raise RuntimeError("the server did not score the untrained model within 120 s")
         console.print(f"validation loss of the untrained model: {before:.3f}")
         for i in range(options.nodes):
             swarm.start_node(i, url, options.density, threads)
@@ -216,10 +220,7 @@ def run_demo(options: DemoOptions, console: Console) -> int:
         with Live(console=console, refresh_per_second=2) as live:
             while (remaining := end - time.monotonic()) > 0:
                 if all(p.poll() is not None for p in swarm.nodes):
-                    console.print(
-                        "[red]every node exited; see the logs in "
-                        f"{log_dir}[/]\n{swarm.log_tail('node-0')}"
-                    )
+                    console.print(f"[red]every node exited[/]\n{escape(swarm.log_tail('node-0'))}")
                     return 1
                 info = httpx.get(f"{url}/api/v1/info", timeout=30).json()
                 history = httpx.get(
@@ -227,20 +228,24 @@ def run_demo(options: DemoOptions, console: Console) -> int:
                 ).json()
                 live.update(status_table(info, history, remaining))
                 time.sleep(min(1.0, max(remaining, 0)))
-        return _finish(options, swarm, url, before, console)
+        code = _finish(options, swarm, url, before, console)
+        failed = False
+        return code
     except KeyboardInterrupt:
         console.print("interrupted: stopping the nodes and the server ...")
+        failed = False
         return 130
     except (RuntimeError, httpx.HTTPError) as exc:
-        console.print(f"[bold red]demo failed:[/] {exc}\n{swarm.log_tail('server')}")
+        console.print(f"[bold red]demo failed:[/] {escape(str(exc))}")
+        console.print(escape(swarm.log_tail("server")), highlight=False)
         return 1
     finally:
         swarm.stop_nodes()
         swarm.stop_server()
-        if not keep:
-            shutil.rmtree(data_dir, ignore_errors=True)
-        else:
+        if keep or failed:
             console.print(f"server data and logs kept in {data_dir}")
+        else:
+            shutil.rmtree(data_dir, ignore_errors=True)
 
 
 def _finish(

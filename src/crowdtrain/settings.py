@@ -83,7 +83,7 @@ class ServerSettings(_Settings):
     )
     checkpoint_every: int = Field(50, ge=1, description="write a checkpoint every N versions")
     keep_checkpoints: int = Field(3, ge=1, description="how many checkpoints to keep")
-    delta_window: int = Field(32, ge=1, description="published deltas kept for incremental pulls")
+    delta_window: int = Field(8, ge=1, description="published deltas kept for incremental pulls")
     delta_window_mb: float = Field(1024, gt=0, description="memory cap of that window")
     evaluate: bool = Field(True, description="run the background Evaluator")
     eval_every: int = Field(10, ge=1, description="validate every N versions (and when idle)")
@@ -132,11 +132,12 @@ def load_settings(cls: type[_Settings], config_file: Path | None = None, **overr
     )
     _check_environment(cls)
     toml_values = _read_toml(config_file, section) if config_file else {}
+    flags = {k: v for k, v in overrides.items() if v is not None}
     token = _toml_values.set(toml_values)
     try:
-        return cls(**{k: v for k, v in overrides.items() if v is not None})
+        return cls(**flags)
     except ValidationError as exc:
-        raise SettingsError(_describe(exc, cls, config_file)) from None
+        raise SettingsError(_describe(exc, cls, config_file, flags, toml_values)) from None
     finally:
         _toml_values.reset(token)
 
@@ -180,7 +181,14 @@ def _check_environment(cls: type[_Settings]) -> None:
             )
 
 
-def _describe(exc: ValidationError, cls: type[_Settings], config_file: Path | None) -> str:
+def _describe(
+    exc: ValidationError,
+    cls: type[_Settings],
+    config_file: Path | None,
+    flags: dict[str, Any],
+    toml_values: dict[str, Any],
+) -> str:
+    """One line per problem, saying where the bad value came from."""
     prefix = cls.model_config["env_prefix"]
     lines = []
     for err in exc.errors():
@@ -188,9 +196,15 @@ def _describe(exc: ValidationError, cls: type[_Settings], config_file: Path | No
         if err["type"] == "extra_forbidden":
             where = f" (in {config_file})" if config_file else ""
             lines.append(f"unknown setting {field!r}{where}; known: {', '.join(cls.model_fields)}")
+            continue
+        env = f"{prefix}{field.upper()}"
+        if field in flags:
+            source = "the command-line flag"
+        elif any(key.upper() == env for key in os.environ):
+            source = f"environment variable {env}"
+        elif field in toml_values:
+            source = f"key {field!r} in {config_file}"
         else:
-            lines.append(
-                f"setting {field!r} (flag --{field.replace('_', '-')}, env {prefix}{field.upper()})"
-                f": {err['msg']}; got {err.get('input')!r}"
-            )
+            source = "the default"
+        lines.append(f"setting {field!r} from {source}: {err['msg']}; got {err.get('input')!r}")
     return "invalid configuration:\n  " + "\n  ".join(lines)

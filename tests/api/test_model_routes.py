@@ -30,7 +30,7 @@ def assert_error(response, status: int, code: str) -> dict:
 def test_health(server):
     response = server.get("/health")
     assert response.status_code == 200
-    assert response.json() == {"status": "ok", "version": 0}
+    assert response.json() == {"status": "ok", "version": 0, "failure": None}
 
 
 def test_info(server):

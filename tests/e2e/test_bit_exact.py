@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from crowdtrain.compression.codecs import get_value_codec
@@ -10,6 +11,8 @@ from crowdtrain.node.client import CoordinatorClient, apply_deltas
 from crowdtrain.protocol.update import UPDATE_FORMAT, UpdateMeta, encode_update
 
 ROUNDS = 150
+
+pytestmark = pytest.mark.slow
 
 
 def test_replica_stays_bit_identical_after_many_rounds(e2e):

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from crowdtrain.algorithms.optimizers import OptimizerConfig, build_optimizer
-from crowdtrain.server.atomic import write_atomic
+from crowdtrain.files import write_atomic
 from crowdtrain.server.checkpoints import Checkpoint, CheckpointStore, CorruptCheckpoint
 
 INFO = {"model_config": {"n_layer": 2}, "settings": {"model": "tiny"}, "totals": {"updates": 3}}

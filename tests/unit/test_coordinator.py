@@ -155,3 +155,56 @@ def test_deltas_since_needs_snapshot_outside_window():
         assert c.deltas_since(4, "other") is None
     finally:
         c.stop()
+
+
+def test_resent_update_is_answered_once_and_aggregated_once():
+    c = make_coordinator(min_nodes=1)
+    first = update(c)
+    first = DecodedUpdate(
+        first.meta.model_copy(update={"update_id": "abc123"}),
+        first.deltas,
+        first.wire_bytes,
+        first.raw_bytes,
+    )
+    receipt = c.submit("a", first)
+    again = c.submit("a", first)
+    assert receipt["duplicate"] is False and again["duplicate"] is True
+    assert c.pending == 1
+
+
+def test_update_of_the_wrong_kind_is_refused():
+    c = make_coordinator()
+    wrong = update(c)
+    wrong = DecodedUpdate(
+        wrong.meta.model_copy(update={"kind": "pseudo_gradient"}),
+        wrong.deltas,
+        wrong.wire_bytes,
+        wrong.raw_bytes,
+    )
+    with pytest.raises(WireError) as refused:
+        c.submit("a", wrong)
+    assert (refused.value.status, refused.value.code) == (422, "wrong_kind")
+    assert c.pending == 0
+
+
+class FailingStrategy(SyncStrategy):
+    def _step(self, params, optimizer, combined) -> None:
+        for p in params.values():
+            p.data.add_(1.0)  # half a step, then a crash
+        raise RuntimeError("boom")
+
+
+def test_failed_step_keeps_the_last_version_and_refuses_further_updates():
+    c = make_coordinator(min_nodes=1)
+    c.strategy = FailingStrategy(grad_clip=0.0)
+    before = c.snapshot()[1]
+    c.start()
+    c.submit("a", update(c))
+    c.stop(drain=True)
+    assert c.failure == "RuntimeError: boom"
+    version, params = c.snapshot()
+    assert version == 0
+    assert all(torch.equal(params[n], before[n]) for n in params)
+    with pytest.raises(WireError) as refused:
+        c.submit("a", update(c))
+    assert (refused.value.status, refused.value.code) == (503, "coordinator_failed")

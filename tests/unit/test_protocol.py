@@ -114,8 +114,9 @@ def test_update_round_trip(codec, content_encoding):
 
 
 def test_update_meta_to_wire_round_trips():
-    meta = UpdateMeta.model_validate(meta_fields())
-    assert meta.to_wire() == meta_fields()
+    fields = {**meta_fields(), "update_id": "0123abcd"}
+    meta = UpdateMeta.model_validate(fields)
+    assert meta.to_wire() == fields
 
 
 def test_missing_content_encoding_means_identity():

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import hashlib
 import os
-import tempfile
 from collections.abc import Iterable
 from pathlib import Path
 
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders, models, pre_tokenizers, trainers
+
+from crowdtrain.files import write_atomic
 
 EOT_TOKEN = "<|endoftext|>"
 SPECIAL_TOKENS = [EOT_TOKEN]
@@ -67,17 +68,7 @@ class Tokenizer:
 
     def save(self, path: str | os.PathLike[str]) -> None:
         """Write the JSON atomically, so a crash never leaves a half-written tokenizer."""
-        path = Path(path)
-        fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                f.write(self._json)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp_name, path)
-        except BaseException:
-            Path(tmp_name).unlink(missing_ok=True)
-            raise
+        write_atomic(Path(path), self._json)
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> Tokenizer:

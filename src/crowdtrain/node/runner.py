@@ -12,6 +12,7 @@ import os
 import socket
 import threading
 import time
+import uuid
 import zlib
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -34,6 +35,8 @@ from crowdtrain.protocol.update import UPDATE_FORMAT, UpdateMeta, encode_update
 from crowdtrain.settings import NodeSettings
 
 log = logging.getLogger(__name__)
+
+MAX_SYNC_WAIT_S = 60.0  # the server's cap on a long-poll for the next version
 
 
 def default_node_name() -> str:
@@ -177,12 +180,13 @@ class Node:
                 meta = UpdateMeta(
                     format=UPDATE_FORMAT,
                     value_codec=self.compressor.codec.name,
-                    kind="gradient",
+                    kind=self.training.get("update_kind", "gradient"),
                     base_version=base_version,
                     lineage=self.lineage,
                     samples=step.samples,
                     tokens=step.tokens,
                     loss=step.loss,
+                    update_id=uuid.uuid4().hex,  # lets the server spot a resent upload
                 )
                 if in_flight is not None:
                     self._settle(*in_flight)
@@ -193,7 +197,8 @@ class Node:
                 if not overlap:
                     self._settle(*in_flight)
                     in_flight = None
-                    self.sync(wait=float(self.training.get("round_deadline_s", 10)) + 1)
+                    deadline = float(self.training.get("round_deadline_s", 10))
+                    self.sync(wait=min(deadline + 1.0, MAX_SYNC_WAIT_S))
                 else:
                     self.sync(wait=0.0)
                 progress.update(self.version, self.stats, self.client.traffic)

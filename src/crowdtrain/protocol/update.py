@@ -37,6 +37,7 @@ class UpdateMeta(BaseModel):
     samples: int = Field(gt=0, le=1 << 40)
     tokens: int = Field(ge=0, le=1 << 50)
     loss: float
+    update_id: str = Field("", max_length=64, pattern=r"^[A-Za-z0-9_-]*$")
 
     @field_validator("format")
     @classmethod

@@ -19,7 +19,7 @@ import torch
 from safetensors.torch import load as load_tensors
 from safetensors.torch import save as save_tensors
 
-from crowdtrain.server.atomic import write_atomic
+from crowdtrain.files import write_atomic
 
 log = logging.getLogger(__name__)
 

@@ -14,7 +14,7 @@ import queue
 import secrets
 import threading
 import time
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -27,6 +27,8 @@ from crowdtrain.protocol.errors import WireError
 from crowdtrain.protocol.update import DecodedUpdate
 
 log = logging.getLogger(__name__)
+
+RECENT_UPDATE_IDS = 4096  # remembered for answering resent submissions
 
 
 @dataclass(frozen=True)
@@ -105,13 +107,46 @@ class Coordinator:
         self._listeners: list[Callable[[RoundResult], None]] = []
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._submit_lock = threading.Lock()
+        self._receipts: OrderedDict[str, dict] = OrderedDict()
+        self.failure: str | None = None  # set if the apply thread died: submissions get 503
 
     # ---- entry points for routes (any thread) -------------------------------------------
 
     def submit(self, node_id: str, update: DecodedUpdate) -> dict:
-        """Accept a checked update into the next round, or raise WireError (409 / 503)."""
+        """Accept a checked update into the next round, or raise WireError (409 / 422 / 503).
+
+        A resent update (same `update_id`, for example after a timed-out POST) is answered with
+        the first receipt and not aggregated twice."""
+        meta = update.meta
+        with self._submit_lock:
+            if meta.update_id and meta.update_id in self._receipts:
+                return {**self._receipts[meta.update_id], "duplicate": True}
+            receipt = self._admit(node_id, update)
+            if meta.update_id:
+                self._receipts[meta.update_id] = receipt
+                while len(self._receipts) > RECENT_UPDATE_IDS:
+                    self._receipts.popitem(last=False)
+            return receipt
+
+    def _admit(self, node_id: str, update: DecodedUpdate) -> dict:
         meta = update.meta
         current = self.version
+        if self.failure is not None:
+            raise WireError(
+                503,
+                "coordinator_failed",
+                f"the server cannot apply updates ({self.failure}); its operator must restart it",
+                retry_after_s=30.0,
+                current_version=current,
+            )
+        if meta.kind != self.strategy.update_kind:
+            raise WireError(
+                422,
+                "wrong_kind",
+                f"this run ({self.strategy.name}) takes updates "
+                f"of kind {self.strategy.update_kind!r}, not {meta.kind!r}",
+            )
         if meta.lineage != self.lineage or meta.base_version > current:
             raise WireError(
                 409,
@@ -143,6 +178,7 @@ class Coordinator:
             ) from None
         return {
             "accepted": True,
+            "duplicate": False,
             "current_version": current,
             "lineage": self.lineage,
             "queued": self._queue.qsize(),
@@ -174,6 +210,11 @@ class Coordinator:
         self._listeners.append(listener)
 
     @property
+    def snapshot_nbytes(self) -> int:
+        """Size of the fp32 weights: the most any download needs to be."""
+        return sum(p.numel() * 4 for p in self.params.values())
+
+    @property
     def pending(self) -> int:
         return self._queue.qsize()
 
@@ -191,11 +232,15 @@ class Coordinator:
             self._thread.join()
 
     def _run(self) -> None:
-        while not self._stop.is_set():
-            self._step_once(timeout=0.2)
-        if getattr(self, "_drain_on_stop", True):
-            while self._step_once(timeout=0.0, force_close=True):
-                pass
+        try:
+            while not self._stop.is_set():
+                self._step_once(timeout=0.2)
+            if getattr(self, "_drain_on_stop", True):
+                while self._step_once(timeout=0.0, force_close=True):
+                    pass
+        except Exception as exc:  # a bug, not bad input: stop loudly instead of limping on
+            log.exception("the coordinator's apply thread failed; no more updates are applied")
+            self.failure = f"{type(exc).__name__}: {exc}"
 
     def _step_once(self, timeout: float, force_close: bool = False) -> bool:
         """Take one submission (if any), close the round if due. False when nothing was left."""
@@ -253,7 +298,12 @@ class Coordinator:
         with self._state_lock:
             for name, p in self.params.items():
                 self._before[name].copy_(p.detach())
-            self.strategy.step(self.params, self.optimizer, combined, lr)
+            try:
+                self.strategy.step(self.params, self.optimizer, combined, lr)
+            except Exception:
+                for name, p in self.params.items():  # readers keep seeing the last version
+                    p.data.copy_(self._before[name])
+                raise
             t2 = time.perf_counter()
             deltas = self._publish()
             version = self.version + 1

@@ -7,7 +7,7 @@ import threading
 from pathlib import Path
 from typing import Any
 
-from crowdtrain.server.atomic import write_atomic
+from crowdtrain.files import write_atomic
 
 
 class HistoryLog:
@@ -18,11 +18,14 @@ class HistoryLog:
         self._lock = threading.Lock()
         self.records: list[dict[str, Any]] = []
         if self.path.exists():
-            for line in self.path.read_text(encoding="utf-8").splitlines():
+            lines = self.path.read_text(encoding="utf-8", errors="replace").splitlines()
+            for line in lines:
                 try:
                     self.records.append(json.loads(line))
                 except json.JSONDecodeError:
                     break  # a torn last line after a crash: everything before it is good
+            if len(self.records) != len(lines):  # drop the torn tail so appends stay readable
+                write_atomic(self.path, "".join(json.dumps(r) + "\n" for r in self.records))
 
     def append(self, record: dict[str, Any]) -> None:
         line = json.dumps(record, separators=(",", ":")) + "\n"

@@ -87,7 +87,12 @@ class ServerRuntime:
             with torch.no_grad():
                 for name, p in params.items():
                     p.copy_(built.checkpoint.params[name])
+            hyperparameters = [
+                {k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups
+            ]
             optimizer.load_state_dict(built.checkpoint.optimizer_state)
+            for group, fresh in zip(optimizer.param_groups, hyperparameters, strict=True):
+                group.update(fresh)  # today's settings win over the checkpoint's
             version = built.checkpoint.version
             totals = built.checkpoint.info.get("totals", {})
 
@@ -141,11 +146,13 @@ class ServerRuntime:
         settings = self.settings
         if checkpoint is not None:
             saved = checkpoint.info.get("settings", {})
-            if saved.get("model") != settings.model:
-                raise SettingsError(
-                    f"the data directory {self.data_dir} holds a {saved.get('model')!r} run but "
-                    f"--model is {settings.model!r}; use a new --data-dir or the same model"
-                )
+            for key in ("model", "optimizer"):
+                if saved.get(key) != getattr(settings, key):
+                    raise SettingsError(
+                        f"the data directory {self.data_dir} holds a run with {key} "
+                        f"{saved.get(key)!r} but this start asks for {getattr(settings, key)!r}; "
+                        f"use the same {key} to resume, or a new --data-dir to start afresh"
+                    )
             return _Built(
                 Tokenizer.from_json(checkpoint.info["tokenizer"]),
                 GPTConfig.from_dict(checkpoint.info["model_config"]),

@@ -10,6 +10,7 @@ from pydantic import BaseModel
 class HealthPublic(BaseModel):
     status: str
     version: int
+    failure: str | None = None
 
 
 class InfoPublic(BaseModel):
@@ -46,6 +47,7 @@ class VersionPublic(BaseModel):
 
 class SubmitPublic(BaseModel):
     accepted: bool
+    duplicate: bool = False
     current_version: int
     lineage: str
     queued: int

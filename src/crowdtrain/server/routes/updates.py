@@ -14,7 +14,7 @@ from crowdtrain.server.schemas import ErrorPublic, SubmitPublic
 
 router = APIRouter(tags=["updates"])
 
-_ERRORS = {code: {"model": ErrorPublic} for code in (400, 409, 411, 413, 415, 422, 503)}
+_ERRORS = {code: {"model": ErrorPublic} for code in (400, 409, 413, 415, 422, 503)}
 
 
 async def read_body_capped(request: Request, cap: int) -> bytes:
@@ -70,12 +70,9 @@ async def submit_update(
     except WireError:
         runtime.nodes.refused(node_id, len(body))
         raise
-    runtime.nodes.accepted(
-        node_id,
-        update.meta.samples,
-        update.meta.tokens,
-        update.meta.loss,
-        update.meta.base_version,
-        len(body),
-    )
+    if not receipt["duplicate"]:
+        meta = update.meta
+        runtime.nodes.accepted(
+            node_id, meta.samples, meta.tokens, meta.loss, meta.base_version, len(body)
+        )
     return receipt
