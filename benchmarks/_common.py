@@ -43,6 +43,8 @@ def machine() -> dict:
         "cpu": _cpu_model(),
         "python": platform.python_version(),
         "torch": torch.__version__,
+        # other work on a shared machine skews absolute figures; this says how busy it was
+        "load_average_1_5_15m": [round(x, 2) for x in os.getloadavg()],
     }
 
 
@@ -124,6 +126,15 @@ class ChildProcess:
     def alive(self) -> bool:
         return self.process.poll() is None
 
+    def pause(self) -> None:
+        """SIGSTOP: the process holds no CPU until resume(); its sockets simply wait."""
+        if self.alive():
+            self.process.send_signal(signal.SIGSTOP)
+
+    def resume(self) -> None:
+        if self.alive():
+            self.process.send_signal(signal.SIGCONT)
+
     def log_tail(self, lines: int = 30) -> str:
         text = self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
         return "\n".join(text.splitlines()[-lines:])
@@ -131,6 +142,7 @@ class ChildProcess:
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 60.0) -> None:
         """Ask politely, wait, then kill."""
         if self.alive():
+            self.resume()  # a paused process would not handle the signal
             self.process.send_signal(sig)
             try:
                 self.process.wait(timeout=timeout)

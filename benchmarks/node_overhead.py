@@ -1,35 +1,33 @@
 """How much of a bare PyTorch loop's speed does one crowdtrain node keep?
 
-Starts a real `crowdtrain server` (tiny model) on 127.0.0.1 and measures, each for a fixed
-duration after a warm-up:
+Starts a real `crowdtrain server` (tiny model) on 127.0.0.1 and compares, at the same batch
+size, device and torch thread count (the server is held to it too):
 
-- bare: forward + backward + AdamW step of the same GPT on BatchSampler batches, in this
-  process, with the same batch size, device and torch thread count;
+- bare: forward + backward + AdamW step of the same GPT on BatchSampler batches, in this process;
 - node: a real `crowdtrain node` process training against the server, with overlap on and (unless
   --skip-no-overlap) off; its rate is read from the server's /api/v1/history (tokens of the
   versions it produced over the time they took).
 
-The bare loop runs before and after the nodes, and the ratio uses the mean of the two, so drift
-of a shared machine shows and partly cancels. Prints one JSON document on stdout.
+On a shared machine the speed of either drifts by 2x within a minute, so the two are measured
+in alternating slices (node, bare, bare, node, ...): while the bare loop runs the node process
+is paused (SIGSTOP), and while the node runs the bare loop waits. Each pair of neighbouring
+slices gives one ratio; the reported ratio is their median. Prints one JSON document on stdout.
 """
 
 from __future__ import annotations
 
 import argparse
-import signal
 import statistics
 import sys
 import time
 
 import httpx
 import torch
-from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
 from _common import (
     ChildProcess,
     ServerProcess,
     WorkDir,
-    console,
     emit,
     log,
     machine,
@@ -48,6 +46,7 @@ from crowdtrain.settings import NodeSettings
 
 TARGET_RATIO = 0.85
 NODE_DEFAULTS = NodeSettings()
+SETTLE_S = 2.0  # after a resumed node's first steps, before its slice is measured
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -69,9 +68,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=1,
         help="torch threads of the bare loop, the node and the server (OMP_NUM_THREADS)",
     )
-    parser.add_argument("--duration", type=float, default=30.0, help="seconds measured per run")
+    parser.add_argument("--slice", type=float, default=10.0, help="seconds of one measured slice")
     parser.add_argument(
-        "--warmup", type=float, default=10.0, help="seconds of each run that are not measured"
+        "--pairs",
+        type=int,
+        default=4,
+        help="node/bare slice pairs per node mode (each side measured pairs x slice seconds)",
+    )
+    parser.add_argument(
+        "--warmup", type=float, default=10.0, help="unmeasured seconds before the first slice"
     )
     parser.add_argument(
         "--skip-no-overlap", action="store_true", help="measure the node with overlap on only"
@@ -82,68 +87,44 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-# ---- the bare loop ----------------------------------------------------------------------
+class BareLoop:
+    """Forward + backward + AdamW step on one device: what a node would do training alone."""
 
+    def __init__(self, config: GPTConfig, training: dict, tokens, batch_size: int):
+        torch.manual_seed(0)
+        self.model = GPT(config)
+        self.model.train()
+        self.optimizer = build_optimizer(
+            self.model.parameters(),
+            OptimizerConfig(
+                name=training.get("optimizer", "adamw"),
+                lr=training.get("lr", 3e-3),
+                weight_decay=training.get("weight_decay", 0.1),
+                beta1=training.get("beta1", 0.9),
+                beta2=training.get("beta2", 0.95),
+            ),
+        )
+        self.sampler = BatchSampler(tokens, batch_size, config.block_size, seed=0)
+        self.tokens_per_step = batch_size * config.block_size
 
-def bare_loop(
-    config: GPTConfig,
-    training: dict,
-    tokens,
-    batch_size: int,
-    warmup_s: float,
-    duration_s: float,
-    label: str,
-) -> dict:
-    """Tokens/s of forward + backward + AdamW step on one device, after `warmup_s`."""
-    torch.manual_seed(0)
-    model = GPT(config)
-    model.train()
-    optimizer = build_optimizer(
-        model.parameters(),
-        OptimizerConfig(
-            name=training.get("optimizer", "adamw"),
-            lr=training.get("lr", 3e-3),
-            weight_decay=training.get("weight_decay", 0.1),
-            beta1=training.get("beta1", 0.9),
-            beta2=training.get("beta2", 0.95),
-        ),
-    )
-    sampler = BatchSampler(tokens, batch_size, config.block_size, seed=0)
-
-    def step() -> float:
-        model.zero_grad(set_to_none=True)
-        x, y = sampler.next()
-        _, loss = model(x, y)
+    def step(self) -> float:
+        self.model.zero_grad(set_to_none=True)
+        x, y = self.sampler.next()
+        _, loss = self.model(x, y)
         loss.backward()
-        optimizer.step()
+        self.optimizer.step()
         return loss.item()  # the node reads the loss every step too
 
-    columns = (TextColumn("{task.description}"), BarColumn(), TimeRemainingColumn())
-    with Progress(*columns, console=console) as progress:
-        task = progress.add_task(f"{label}: warm-up", total=warmup_s + duration_s)
-        started = time.perf_counter()
-        while time.perf_counter() - started < warmup_s:
-            step()
-            progress.update(task, completed=time.perf_counter() - started)
-        progress.update(task, description=f"{label}: measuring")
-        steps, measured_from = 0, time.perf_counter()
-        while (elapsed := time.perf_counter() - measured_from) < duration_s:
-            step()
+    def run_for(self, seconds: float) -> dict:
+        steps, started = 0, time.perf_counter()
+        while time.perf_counter() - started < seconds:
+            self.step()
             steps += 1
-            progress.update(task, completed=warmup_s + elapsed)
-        elapsed = time.perf_counter() - measured_from
-    rate = steps * batch_size * config.block_size / elapsed
-    log(f"{label}: {rate:,.0f} tokens/s ({steps} steps in {elapsed:.1f} s)")
-    return {"tokens_per_s": round(rate, 1), "steps": steps, "seconds": round(elapsed, 2)}
+        elapsed = time.perf_counter() - started
+        return {"tokens_per_s": round(steps * self.tokens_per_step / elapsed, 1), "steps": steps}
 
 
-# ---- the node ---------------------------------------------------------------------------
-
-
-def measure_node(
-    server: ServerProcess, work: WorkDir, args: argparse.Namespace, overlap: bool
-) -> dict:
-    """Start a node, skip its warm-up, read its rate from the server's history, stop it."""
+def start_node(server: ServerProcess, work: WorkDir, args, overlap: bool) -> ChildProcess:
     name = "bench-node-overlap" if overlap else "bench-node-no-overlap"
     threads = str(args.threads)
     since = server.get("/health")["version"]
@@ -168,52 +149,90 @@ def measure_node(
         {"OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads},
         work.logs,
     )
-    try:
-        deadline = time.monotonic() + 180
-        while not server.rounds(since):
-            if not node.alive():
-                raise RuntimeError(f"node {name} exited:\n{node.log_tail()}")
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"node {name} produced no version in 180 s:\n{node.log_tail()}")
-            time.sleep(0.5)
-        timed_window(f"{name}: warm-up", args.warmup)
-        start, node_cpu, server_cpu = (
-            time.time(),
-            process_cpu_seconds(node.pid),
-            process_cpu_seconds(server.pid),
-        )
-        timed_window(
-            f"{name}: measuring",
-            args.duration,
-            on_tick=lambda: f"v{server.get('/health')['version']}",
-        )
-        end = time.time()
-        node_cpu_used = _delta(process_cpu_seconds(node.pid), node_cpu)
-        server_cpu_used = _delta(process_cpu_seconds(server.pid), server_cpu)
+    deadline = time.monotonic() + 180
+    while not server.rounds(since):
         if not node.alive():
-            raise RuntimeError(f"node {name} exited while measured:\n{node.log_tail()}")
-    finally:
-        node.stop(signal.SIGINT, timeout=30)
+            raise RuntimeError(f"node {name} exited:\n{node.log_tail()}")
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"node {name} produced no version in 180 s:\n{node.log_tail()}")
+        time.sleep(0.5)
+    return node
+
+
+def node_slice(server: ServerProcess, node: ChildProcess, seconds: float) -> dict:
+    """Resume the node, let it settle, measure its rate from the server's history, pause it."""
+    node.resume()
+    time.sleep(SETTLE_S)
+    since = server.get("/health")["version"]
+    start = time.time()
+    node_cpu, server_cpu = process_cpu_seconds(node.pid), process_cpu_seconds(server.pid)
+    time.sleep(seconds)
+    end = time.time()
+    node_cpu_used = _delta(process_cpu_seconds(node.pid), node_cpu)
+    server_cpu_used = _delta(process_cpu_seconds(server.pid), server_cpu)
+    node.pause()
+    if not node.alive():
+        raise RuntimeError(f"node {node.name} exited while measured:\n{node.log_tail()}")
     rounds = rounds_in(server.rounds(since), start, end)
     if len(rounds) < 2:
-        raise RuntimeError(f"node {name} produced {len(rounds)} versions in {args.duration} s")
-    # rate between the first and the last version closed in the window: no edge effects
+        raise RuntimeError(f"node {node.name} closed {len(rounds)} versions in {seconds} s")
+    # between the first and the last version closed in the slice: no edge effects
     span = rounds[-1]["time"] - rounds[0]["time"]
-    tokens = sum(r["tokens"] for r in rounds[1:])
-    rate = tokens / span
-    log(f"{name}: {rate:,.0f} tokens/s ({len(rounds)} versions in {span:.1f} s)")
-    seconds = end - start
     return {
-        "tokens_per_s": round(rate, 1),
-        "versions": len(rounds),
+        "tokens_per_s": round(sum(r["tokens"] for r in rounds[1:]) / span, 1),
         "versions_per_s": round((len(rounds) - 1) / span, 3),
         "mean_staleness": round(statistics.fmean(r["mean_staleness"] for r in rounds), 3),
-        "mean_round_timings_s": {
-            key: round(statistics.fmean(r[key] for r in rounds), 5)
+        "node_cpu_cores_used": _per_second(node_cpu_used, end - start),
+        "server_cpu_cores_used": _per_second(server_cpu_used, end - start),
+        "round_timings_s": {
+            key: statistics.fmean(r[key] for r in rounds)
             for key in ("aggregate_s", "combine_s", "optimizer_s", "publish_s")
         },
-        "node_cpu_cores_used": _per_second(node_cpu_used, seconds),
-        "server_cpu_cores_used": _per_second(server_cpu_used, seconds),
+    }
+
+
+def measure_mode(server: ServerProcess, work: WorkDir, bare: BareLoop, args, overlap: bool) -> dict:
+    """Alternating node and bare slices (ABBA order), one ratio per neighbouring pair."""
+    label = "overlap" if overlap else "no-overlap"
+    node = start_node(server, work, args, overlap)
+    try:
+        timed_window(f"node ({label}): warm-up", args.warmup)
+        node.pause()
+        pairs = []
+        for i in range(args.pairs):
+            log(f"node ({label}): pair {i + 1}/{args.pairs}")
+            if i % 2 == 0:
+                node_result = node_slice(server, node, args.slice)
+                bare_result = bare.run_for(args.slice)
+            else:
+                bare_result = bare.run_for(args.slice)
+                node_result = node_slice(server, node, args.slice)
+            pairs.append((node_result, bare_result))
+            log(
+                f"  node {node_result['tokens_per_s']:,.0f} tokens/s, bare "
+                f"{bare_result['tokens_per_s']:,.0f} tokens/s, ratio "
+                f"{node_result['tokens_per_s'] / bare_result['tokens_per_s']:.3f}"
+            )
+    finally:
+        node.stop(timeout=30)
+    node_rates = [n["tokens_per_s"] for n, _ in pairs]
+    bare_rates = [b["tokens_per_s"] for _, b in pairs]
+    ratios = [n / b for n, b in zip(node_rates, bare_rates, strict=True)]
+    return {
+        "node_tokens_per_s": round(statistics.fmean(node_rates), 1),
+        "bare_tokens_per_s": round(statistics.fmean(bare_rates), 1),
+        "ratio_median": round(statistics.median(ratios), 4),
+        "ratio_of_means": ratio(statistics.fmean(node_rates), statistics.fmean(bare_rates)),
+        "pair_ratios": [round(r, 4) for r in ratios],
+        "node_versions_per_s": _mean(n["versions_per_s"] for n, _ in pairs),
+        "node_mean_staleness": _mean(n["mean_staleness"] for n, _ in pairs),
+        "node_cpu_cores_used": _mean(n["node_cpu_cores_used"] for n, _ in pairs),
+        "server_cpu_cores_used": _mean(n["server_cpu_cores_used"] for n, _ in pairs),
+        "server_round_timings_s": {
+            key: round(statistics.fmean(n["round_timings_s"][key] for n, _ in pairs), 5)
+            for key in pairs[0][0]["round_timings_s"]
+        },
+        "slices": [{"node": n, "bare": b} for n, b in pairs],
     }
 
 
@@ -225,7 +244,9 @@ def _per_second(value: float | None, seconds: float) -> float | None:
     return None if value is None else round(value / seconds, 3)
 
 
-# ---- the run ----------------------------------------------------------------------------
+def _mean(values) -> float | None:
+    values = [v for v in values if v is not None]
+    return round(statistics.fmean(values), 3) if values else None
 
 
 def run(args: argparse.Namespace) -> dict:
@@ -235,14 +256,10 @@ def run(args: argparse.Namespace) -> dict:
     server = ServerProcess(
         work.logs,
         work.path / "server-data",
-        {
-            "model": args.model,
-            "evaluate": False,
-            "checkpoint_every": 1_000_000,
-            "min_nodes": 1,
-        },
+        {"model": args.model, "evaluate": False, "checkpoint_every": 1_000_000, "min_nodes": 1},
         {"OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads},
     )
+    modes = {}
     try:
         log(f"starting a {args.model} server ...")
         server.wait_until_up()
@@ -253,32 +270,16 @@ def run(args: argparse.Namespace) -> dict:
         tokenizer = Tokenizer.from_json(server.text("/model/tokenizer"))
         tokens = encode_documents(tokenizer, default_corpus().train)
         log(f"server up at {server.url}; {info['model']['parameters']:,} parameters")
-
-        def bare(label: str) -> dict:
-            return bare_loop(
-                config,
-                info["training"],
-                tokens,
-                args.batch_size,
-                args.warmup,
-                args.duration,
-                label,
-            )
-
-        bare_runs = [bare("bare (before)")]
-        nodes = {"overlap": measure_node(server, work, args, overlap=True)}
+        bare = BareLoop(config, info["training"], tokens, args.batch_size)
+        log(f"bare loop: warm-up {args.warmup:.0f} s")
+        bare.run_for(args.warmup)
+        modes["overlap"] = measure_mode(server, work, bare, args, overlap=True)
         if not args.skip_no_overlap:
-            nodes["no_overlap"] = measure_node(server, work, args, overlap=False)
-        bare_runs.append(bare("bare (after)"))
+            modes["no_overlap"] = measure_mode(server, work, bare, args, overlap=False)
     finally:
         server.stop()
         work.cleanup()
 
-    bare_rate = statistics.fmean(r["tokens_per_s"] for r in bare_runs)
-    ratios = {
-        f"node_{mode}_vs_bare": ratio(result["tokens_per_s"], bare_rate)
-        for mode, result in nodes.items()
-    }
     return {
         "benchmark": "node_overhead",
         "machine": machine(),
@@ -293,15 +294,15 @@ def run(args: argparse.Namespace) -> dict:
             "density": args.density,
             "value_codec": NODE_DEFAULTS.value_codec,
             "accumulate": NODE_DEFAULTS.accumulate,
+            "slice_s": args.slice,
+            "pairs": args.pairs,
             "warmup_s": args.warmup,
-            "duration_s": args.duration,
         },
-        "bare": {"tokens_per_s": round(bare_rate, 1), "runs": bare_runs},
-        "node": nodes,
-        "ratio": ratios,
+        "modes": modes,
+        "ratio": {f"node_{mode}_vs_bare": result["ratio_median"] for mode, result in modes.items()},
         "target": {
             "node_overlap_vs_bare_min": TARGET_RATIO,
-            "met": (ratios["node_overlap_vs_bare"] or 0) >= TARGET_RATIO,
+            "met": modes["overlap"]["ratio_median"] >= TARGET_RATIO,
         },
     }
 

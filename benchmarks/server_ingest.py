@@ -77,7 +77,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--density", type=float, default=0.01, help="fraction of entries sent")
     parser.add_argument("--payloads", type=int, default=4, help="distinct precomputed updates")
-    parser.add_argument("--duration", type=float, default=30.0, help="measured seconds per run")
+    parser.add_argument("--duration", type=float, default=40.0, help="measured seconds per run")
     parser.add_argument(
         "--warmup",
         type=float,
@@ -91,15 +91,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--max-pending",
         type=int,
         default=None,
-        help="server's max_pending_updates [default: 2 x senders, at least 8, so the backlog "
-        "drains in a few rounds; the server's own default is 64]",
+        help="server's max_pending_updates; None: 2 x senders, at least 8, so the backlog "
+        "drains in a few rounds (the server's own default is 64)",
     )
     parser.add_argument(
         "--server-threads",
         type=int,
         default=None,
-        help="torch threads of the server (OMP_NUM_THREADS) [default: the server's own choice, "
-        "one per core]",
+        help="torch threads of the server (OMP_NUM_THREADS); None: the server's own choice, "
+        "one per core",
     )
     parser.add_argument(
         "--bare-seconds", type=float, default=10.0, help="seconds of the in-process baseline"

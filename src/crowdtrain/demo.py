@@ -29,8 +29,12 @@ from crowdtrain.protocol.manifest import Manifest
 from crowdtrain.protocol.snapshot import decode_snapshot
 
 STARTUP_TIMEOUT_S = 180.0
-# Close a round on every update: two CPU nodes then never wait for each other.
-DEMO_SERVER_ENV = {"CROWDTRAIN_MIN_NODES": "1", "CROWDTRAIN_ROUND_DEADLINE_S": "5"}
+
+
+def demo_server_env(nodes: int) -> dict[str, str]:
+    # A round waits for every node (5 s at most): each version then averages all of them, and
+    # no update is computed on weights more than one version old, which Adam needs to learn fast.
+    return {"CROWDTRAIN_MIN_NODES": str(nodes), "CROWDTRAIN_ROUND_DEADLINE_S": "5"}
 
 
 @dataclass
@@ -203,7 +207,7 @@ def run_demo(options: DemoOptions, console: Console) -> int:
     failed = True  # keep the logs unless the demo gets to its report
     try:
         console.print(f"starting a server ({options.model}) on {url} ...")
-        swarm.start_server(port, data_dir, options.model, DEMO_SERVER_ENV)
+        swarm.start_server(port, data_dir, options.model, demo_server_env(options.nodes))
         wait_until_up(url, swarm.server, STARTUP_TIMEOUT_S)
         console.print(f"server up at {url}  (API docs: {url}/docs)")
         before = wait_for_eval(url, 0, 120)

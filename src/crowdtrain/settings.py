@@ -60,7 +60,7 @@ class ServerSettings(_Settings):
     seed: int = Field(0, description="seed for the initial weights")
     algorithm: Literal["sync"] = Field("sync", description="training algorithm")
     optimizer: str = Field("adamw", description="server optimizer: adamw, nesterov")
-    lr: float = Field(3e-3, gt=0, le=10, description="peak learning rate of the server optimizer")
+    lr: float = Field(1e-3, gt=0, le=10, description="peak learning rate of the server optimizer")
     weight_decay: float = Field(0.1, ge=0, le=1)
     beta1: float = Field(0.9, ge=0, lt=1)
     beta2: float = Field(0.95, ge=0, lt=1)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import signal
+
 import pytest
 
 from crowdtrain.server.checkpoints import CheckpointStore
@@ -46,5 +48,6 @@ def test_two_nodes_train_and_validation_loss_falls(e2e):
 
     # SIGTERM: the server drains, writes a final checkpoint of the last version, exits cleanly
     e2e.swarm.stop_server()
-    assert e2e.swarm.server.returncode == 0, e2e.logs()
+    # uvicorn re-raises the signal once it has shut down: killed by SIGTERM, not by a crash
+    assert e2e.swarm.server.returncode in (0, -signal.SIGTERM), e2e.logs()
     assert CheckpointStore(e2e.data_dir / "checkpoints").list()[0][0] == final

@@ -28,6 +28,7 @@ from crowdtrain.data.corpus import default_corpus, load_text_files
 from crowdtrain.model.gpt import GPT, GPTConfig
 from crowdtrain.model.tokenizer import Tokenizer
 from crowdtrain.node.client import CoordinatorClient, Refused, Stopped, apply_deltas
+from crowdtrain.node.follower import Follower
 from crowdtrain.node.progress import NodeProgress
 from crowdtrain.node.trainer import LocalTrainer, pick_device
 from crowdtrain.protocol.manifest import Manifest
@@ -35,8 +36,6 @@ from crowdtrain.protocol.update import UPDATE_FORMAT, UpdateMeta, encode_update
 from crowdtrain.settings import NodeSettings
 
 log = logging.getLogger(__name__)
-
-MAX_SYNC_WAIT_S = 60.0  # the server's cap on a long-poll for the next version
 
 
 def default_node_name() -> str:
@@ -75,11 +74,15 @@ class Node:
             self.name,
             settings.request_timeout_s,
             settings.max_backoff_s,
-            should_stop=self.stop_event.is_set,
+            should_stop=self._should_stop,
         )
         self.stats = NodeStats()
+        self._finished = threading.Event()
         self.version = -1
         self.lineage = ""
+
+    def _should_stop(self) -> bool:
+        return self.stop_event.is_set() or self._finished.is_set()
 
     # ---- setup --------------------------------------------------------------------------
 
@@ -96,7 +99,7 @@ class Node:
                 "the server's manifest does not match the model this node "
                 "builds from its config; upgrade crowdtrain on this node"
             )
-        self._resync_snapshot()
+        self._load_snapshot()
         texts = (
             load_text_files(self.settings.data) if self.settings.data else default_corpus().train
         )
@@ -111,21 +114,24 @@ class Node:
         )
         self.training = info["training"]
 
-    def _resync_snapshot(self) -> None:
+    def _load_snapshot(self) -> None:
         version, lineage, params = self.client.snapshot(self.manifest)
         with torch.no_grad():
             for name, p in self.params.items():
                 p.copy_(params[name])
         self.version, self.lineage = version, lineage
-        self.stats.resyncs += 1
 
-    def sync(self, wait: float = 0.0) -> None:
-        """Bring the replica to the server's newest version (deltas, or a snapshot)."""
-        chain = self.client.deltas(self.version, self.lineage, self.manifest, wait=wait)
-        if chain is None:
-            self._resync_snapshot()
-        elif chain:
-            self.version = apply_deltas(self.params, chain)
+    def apply_published(self) -> None:
+        """Apply what the follower fetched, in order: the replica moves to the newest version."""
+        for item in self.follower.take():
+            if item.params is not None:
+                with torch.no_grad():
+                    for name, p in self.params.items():
+                        p.copy_(item.params[name])
+                self.stats.resyncs += 1
+            else:
+                apply_deltas(self.params, item.chain)
+            self.version, self.lineage = item.version, item.lineage
 
     # ---- the loop -----------------------------------------------------------------------
 
@@ -141,17 +147,16 @@ class Node:
         return self.client.submit(encode_update(deltas, meta))
 
     def _settle(self, future: Future, deltas: dict[str, SparseDelta], samples_tokens) -> None:
-        """Wait for an upload; on refusal put its content back into the residuals and resync."""
+        """Wait for an upload; on refusal put its content back into the residuals (a 409 means
+        the weights moved on: the follower is already fetching the newer ones)."""
         try:
             future.result()
         except Refused as exc:
             self.compressor.restore(deltas)
             self.stats.refused += 1
-            if exc.status == 409:
-                log.info("update refused (%s); resyncing", exc.code)
-                self.sync()
-            elif exc.status in (400, 413, 415, 422):
+            if exc.status != 409:
                 raise  # a bug or a mismatch this node cannot fix by retrying
+            log.info("update refused (%s); it goes back into the residual", exc.code)
             return
         self.stats.updates += 1
         self.stats.tokens += samples_tokens
@@ -166,14 +171,20 @@ class Node:
         except Stopped:
             pass
         finally:
+            self._finished.set()
             self.client.close()
         return self.stats
 
     def _loop(self, progress: NodeProgress) -> None:
         overlap = self.settings.overlap
         in_flight: tuple[Future, dict, int] | None = None
+        self.follower = Follower(
+            self.client, self.manifest, self.version, self.lineage, self._should_stop
+        )
+        self.follower.start()
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="upload") as uploads:
             while self._budget_left():
+                self.apply_published()
                 base_version = self.version
                 step = self.trainer.compute_gradient()
                 deltas = self.compressor.compress(step.gradients)
@@ -194,13 +205,11 @@ class Node:
                 future = uploads.submit(self._submit, deltas, meta)
                 in_flight = (future, deltas, step.tokens)
                 self.stats.last_loss = step.loss
-                if not overlap:
+                if not overlap:  # wait for the round this update joins before computing again
                     self._settle(*in_flight)
                     in_flight = None
                     deadline = float(self.training.get("round_deadline_s", 10))
-                    self.sync(wait=min(deadline + 1.0, MAX_SYNC_WAIT_S))
-                else:
-                    self.sync(wait=0.0)
+                    self.follower.wait_beyond(base_version, timeout=deadline + 1.0)
                 progress.update(self.version, self.stats, self.client.traffic)
             if in_flight is not None:
                 self._settle(*in_flight)
