@@ -78,6 +78,9 @@ class ServerSettings(_Settings):
     max_pending_updates: int = Field(
         64, ge=1, description="accepted updates waiting to be aggregated before new ones get 503"
     )
+    max_pending_per_node: int = Field(
+        2, ge=1, description="of those, at most this many from one node"
+    )
     max_update_mb: float | None = Field(
         None, gt=0, description="cap on an update body; None: derived from the model size"
     )

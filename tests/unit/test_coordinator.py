@@ -208,3 +208,33 @@ def test_failed_step_keeps_the_last_version_and_refuses_further_updates():
     with pytest.raises(WireError) as refused:
         c.submit("a", update(c))
     assert (refused.value.status, refused.value.code) == (503, "coordinator_failed")
+
+
+def test_one_node_cannot_take_every_place_in_the_queue():
+    c = make_coordinator(min_nodes=4, max_pending=8, max_pending_per_node=2)
+    c.submit("fast", update(c))
+    c.submit("fast", update(c))
+    with pytest.raises(WireError) as busy:
+        c.submit("fast", update(c))
+    assert (busy.value.status, busy.value.code) == (503, "busy")
+    c.submit("slow", update(c))  # another node still gets in
+    assert c.pending == 3
+
+
+def test_queue_never_holds_more_rounds_than_staleness_allows():
+    c = make_coordinator(min_nodes=2, max_staleness=1, max_pending=64)
+    assert c.queue_capacity == 2 * (1 + 1)
+
+
+def test_refused_and_duplicate_updates_give_their_place_back():
+    c = make_coordinator(min_nodes=4, max_pending=8, max_pending_per_node=1)
+    with pytest.raises(WireError):
+        c.submit("a", update(c, base=7))  # from the future: refused
+    first = update(c)
+    first = DecodedUpdate(first.meta.model_copy(update={"update_id": "x1"}), first.deltas,
+                          first.wire_bytes, first.raw_bytes)
+    c.submit("a", first)  # the refusal above did not keep a's only place
+    c.reserve("b")
+    c.release("b")
+    assert c.submit("a", first)["duplicate"] is True  # a duplicate needs no place
+    assert c.pending == 1

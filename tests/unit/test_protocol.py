@@ -518,3 +518,13 @@ def test_decompress_cap_is_inclusive():
 def test_multiple_zstd_frames_are_read():
     body = encoding.compress(b"a" * 10, "zstd") + encoding.compress(b"b" * 10, "zstd")
     assert encoding.decompress(body, "zstd", 100) == b"a" * 10 + b"b" * 10
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+def test_finiteness_check_catches_every_non_finite_value_in_every_wire_dtype(dtype, bad):
+    from crowdtrain.protocol.update import _all_finite
+
+    assert not _all_finite(torch.tensor([1.0, bad, -3.0]).to(dtype))
+    assert _all_finite(torch.tensor([1.0, -65504.0, 3e-8, 0.0]).to(dtype))
+    assert _all_finite(torch.empty(0, dtype=dtype))

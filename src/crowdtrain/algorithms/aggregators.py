@@ -30,7 +30,9 @@ class Aggregator(ABC):
         self.total_weight += weight
 
     def result(self) -> dict[str, torch.Tensor]:
-        """The combined update (dense fp32 per parameter); resets for the next round."""
+        """The combined update (dense fp32 per parameter); resets for the next round.
+
+        The tensors may be the aggregator's own buffers: use them before the next add()."""
         if self.count == 0:
             raise ValueError("cannot aggregate a round without updates")
         out = self._result()
@@ -58,8 +60,13 @@ class WeightedMean(Aggregator):
     def __init__(self, shapes: dict[str, tuple[int, ...]]):
         super().__init__(shapes)
         self._sums = {name: torch.zeros(shape) for name, shape in shapes.items()}
+        self._holds_result = False  # the buffers were handed out by result(): zero before use
 
     def _add(self, deltas: dict[str, SparseDelta], weight: float) -> None:
+        if self._holds_result:
+            for s in self._sums.values():
+                s.zero_()
+            self._holds_result = False
         for name, delta in deltas.items():
             target = self._sums[name]
             if delta.indices is None:
@@ -68,11 +75,14 @@ class WeightedMean(Aggregator):
                 target.view(-1).index_add_(0, delta.indices, delta.values.float(), alpha=weight)
 
     def _result(self) -> dict[str, torch.Tensor]:
-        return {name: s / self.total_weight for name, s in self._sums.items()}
+        # In place: a fresh 500 MB result per round (gpt2-124m) costs more than the division.
+        # The tensors stay valid until the next add().
+        for s in self._sums.values():
+            s.div_(self.total_weight)
+        return dict(self._sums)
 
     def _reset(self) -> None:
-        for s in self._sums.values():
-            s.zero_()
+        self._holds_result = True
 
 
 AGGREGATORS: dict[str, Callable[[dict[str, tuple[int, ...]]], Aggregator]] = {

@@ -21,7 +21,6 @@ import torch
 from rich.console import Console
 
 from crowdtrain.compression.codecs import get_value_codec
-from crowdtrain.compression.sparse import SparseDelta
 from crowdtrain.compression.topk import TopKCompressor
 from crowdtrain.data.batches import BatchSampler, encode_documents
 from crowdtrain.data.corpus import default_corpus, load_text_files
@@ -30,7 +29,7 @@ from crowdtrain.model.tokenizer import Tokenizer
 from crowdtrain.node.client import CoordinatorClient, Refused, Stopped, apply_deltas
 from crowdtrain.node.follower import Follower
 from crowdtrain.node.progress import NodeProgress
-from crowdtrain.node.trainer import LocalTrainer, pick_device
+from crowdtrain.node.trainer import LocalTrainer, StepResult, pick_device
 from crowdtrain.protocol.manifest import Manifest
 from crowdtrain.protocol.update import UPDATE_FORMAT, UpdateMeta, encode_update
 from crowdtrain.settings import NodeSettings
@@ -143,23 +142,40 @@ class Node:
             return False
         return s.duration_s is None or time.monotonic() - self.stats.started < s.duration_s
 
-    def _submit(self, deltas: dict[str, SparseDelta], meta: UpdateMeta) -> dict:
-        return self.client.submit(encode_update(deltas, meta))
+    def _compress_and_submit(self, step: StepResult, base_version: int, lineage: str) -> None:
+        """Runs on the upload thread, which alone owns the compressor: the main thread is
+        already computing the next step. A refused update goes back into the residual."""
+        deltas = self.compressor.compress(step.gradients)
+        meta = UpdateMeta(
+            format=UPDATE_FORMAT,
+            value_codec=self.compressor.codec.name,
+            kind=self.training.get("update_kind", "gradient"),
+            base_version=base_version,
+            lineage=lineage,
+            samples=step.samples,
+            tokens=step.tokens,
+            loss=step.loss,
+            update_id=uuid.uuid4().hex,  # lets the server spot a resent upload
+        )
+        try:
+            self.client.submit(encode_update(deltas, meta))
+        except Refused:
+            self.compressor.restore(deltas)
+            raise
 
-    def _settle(self, future: Future, deltas: dict[str, SparseDelta], samples_tokens) -> None:
-        """Wait for an upload; on refusal put its content back into the residuals (a 409 means
-        the weights moved on: the follower is already fetching the newer ones)."""
+    def _settle(self, future: Future, tokens: int) -> None:
+        """Wait for an upload. A 409 means the weights moved on (the follower is already
+        fetching the newer ones); any other refusal is a mismatch that retrying cannot fix."""
         try:
             future.result()
         except Refused as exc:
-            self.compressor.restore(deltas)
             self.stats.refused += 1
             if exc.status != 409:
-                raise  # a bug or a mismatch this node cannot fix by retrying
-            log.info("update refused (%s); it goes back into the residual", exc.code)
+                raise
+            log.info("update refused (%s); it went back into the residual", exc.code)
             return
         self.stats.updates += 1
-        self.stats.tokens += samples_tokens
+        self.stats.tokens += tokens
 
     def run(self) -> NodeStats:
         progress = NodeProgress(self.console, self.name, self.settings.server)
@@ -177,7 +193,7 @@ class Node:
 
     def _loop(self, progress: NodeProgress) -> None:
         overlap = self.settings.overlap
-        in_flight: tuple[Future, dict, int] | None = None
+        in_flight: tuple[Future, int] | None = None
         self.follower = Follower(
             self.client, self.manifest, self.version, self.lineage, self._should_stop
         )
@@ -187,24 +203,11 @@ class Node:
                 self.apply_published()
                 base_version = self.version
                 step = self.trainer.compute_gradient()
-                deltas = self.compressor.compress(step.gradients)
-                meta = UpdateMeta(
-                    format=UPDATE_FORMAT,
-                    value_codec=self.compressor.codec.name,
-                    kind=self.training.get("update_kind", "gradient"),
-                    base_version=base_version,
-                    lineage=self.lineage,
-                    samples=step.samples,
-                    tokens=step.tokens,
-                    loss=step.loss,
-                    update_id=uuid.uuid4().hex,  # lets the server spot a resent upload
-                )
+                self.stats.last_loss = step.loss
                 if in_flight is not None:
                     self._settle(*in_flight)
-                    in_flight = None
-                future = uploads.submit(self._submit, deltas, meta)
-                in_flight = (future, deltas, step.tokens)
-                self.stats.last_loss = step.loss
+                future = uploads.submit(self._compress_and_submit, step, base_version, self.lineage)
+                in_flight = (future, step.tokens)
                 if not overlap:  # wait for the round this update joins before computing again
                     self._settle(*in_flight)
                     in_flight = None

@@ -12,7 +12,9 @@ SUPPORTED_ENCODINGS = ("zstd", "identity")
 _CHUNK = 1 << 20
 
 
-def compress(data: bytes, encoding: str, level: int = 3) -> bytes:
+def compress(data: bytes, encoding: str, level: int = 1) -> bytes:
+    """Level 1: weights and gradients are near-random floats; higher levels save ~0.1% here
+    and cost 60% more time (3.5 MB of fp32 deltas: 4.5 ms vs 7.2 ms)."""
     if encoding == "zstd":
         return zstandard.ZstdCompressor(level=level).compress(data)
     if encoding == "identity":

@@ -14,7 +14,7 @@ import queue
 import secrets
 import threading
 import time
-from collections import OrderedDict, deque
+from collections import Counter, OrderedDict, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -37,6 +37,7 @@ class RoundPolicy:
     deadline_s: float = 10.0
     max_staleness: int = 2
     max_pending: int = 64
+    max_pending_per_node: int = 2
     base_lr: float = 3e-3
     warmup_versions: int = 20
     decay_versions: int | None = None
@@ -100,7 +101,9 @@ class Coordinator:
 
         self._state_lock = threading.Lock()  # params + window: readers never see half a step
         self._version_cond = threading.Condition()
-        self._queue: queue.Queue[Submission] = queue.Queue(maxsize=policy.max_pending)
+        self._queue: queue.Queue[Submission] = queue.Queue()  # bounded by reserve()
+        self._reserved: Counter[str] = Counter()
+        self._reserved_total = 0
         self._round = _OpenRound()
         self._window: deque[tuple[int, dict[str, torch.Tensor]]] = deque()
         self._before = {name: p.detach().clone() for name, p in params.items()}
@@ -113,33 +116,86 @@ class Coordinator:
 
     # ---- entry points for routes (any thread) -------------------------------------------
 
-    def submit(self, node_id: str, update: DecodedUpdate) -> dict:
+    def reserve(self, node_id: str) -> None:
+        """Hold a place in the queue before the body is even read, so a busy server answers 503
+        without decoding anything. Each node may hold `max_pending_per_node` places, so a fast
+        node cannot crowd out the others."""
+        with self._submit_lock:
+            if self.failure is not None:
+                raise WireError(
+                    503,
+                    "coordinator_failed",
+                    "the server cannot apply updates "
+                    f"({self.failure}); its operator must restart it",
+                    retry_after_s=30.0,
+                    current_version=self.version,
+                )
+            if self._reserved_total >= self.queue_capacity:
+                raise WireError(
+                    503,
+                    "busy",
+                    "the server is aggregating a backlog; retry shortly",
+                    retry_after_s=1.0,
+                    current_version=self.version,
+                )
+            if self._reserved[node_id] >= self.policy.max_pending_per_node:
+                raise WireError(
+                    503,
+                    "busy",
+                    f"this node already has "
+                    f"{self.policy.max_pending_per_node} updates waiting to be "
+                    "aggregated; retry shortly",
+                    retry_after_s=1.0,
+                    current_version=self.version,
+                )
+            self._reserved_total += 1
+            self._reserved[node_id] += 1
+
+    def release(self, node_id: str) -> None:
+        with self._submit_lock:
+            self._reserved_total -= 1
+            self._reserved[node_id] -= 1
+            if not self._reserved[node_id]:
+                del self._reserved[node_id]
+
+    @property
+    def queue_capacity(self) -> int:
+        # More queued than (staleness + 1) rounds would apply updates staler than allowed.
+        by_staleness = self.policy.min_nodes * (self.policy.max_staleness + 1)
+        return max(1, min(self.policy.max_pending, by_staleness))
+
+    def submit(self, node_id: str, update: DecodedUpdate, reserved: bool = False) -> dict:
         """Accept a checked update into the next round, or raise WireError (409 / 422 / 503).
 
-        A resent update (same `update_id`, for example after a timed-out POST) is answered with
-        the first receipt and not aggregated twice."""
+        With `reserved` the caller already holds a place from `reserve`; it is given back here
+        when the update is refused or a duplicate. A resent update (same `update_id`, for
+        example after a timed-out POST) gets the first receipt and is not aggregated twice."""
         meta = update.meta
-        with self._submit_lock:
-            if meta.update_id and meta.update_id in self._receipts:
-                return {**self._receipts[meta.update_id], "duplicate": True}
-            receipt = self._admit(node_id, update)
-            if meta.update_id:
-                self._receipts[meta.update_id] = receipt
-                while len(self._receipts) > RECENT_UPDATE_IDS:
-                    self._receipts.popitem(last=False)
-            return receipt
+        if not reserved:
+            with self._submit_lock:
+                if meta.update_id in self._receipts:
+                    return {**self._receipts[meta.update_id], "duplicate": True}
+            self.reserve(node_id)
+        try:
+            with self._submit_lock:
+                if meta.update_id and meta.update_id in self._receipts:
+                    receipt = {**self._receipts[meta.update_id], "duplicate": True}
+                else:
+                    receipt = self._admit(node_id, update)
+                    if meta.update_id:
+                        self._receipts[meta.update_id] = receipt
+                        while len(self._receipts) > RECENT_UPDATE_IDS:
+                            self._receipts.popitem(last=False)
+        except BaseException:
+            self.release(node_id)
+            raise
+        if receipt["duplicate"]:
+            self.release(node_id)
+        return receipt
 
     def _admit(self, node_id: str, update: DecodedUpdate) -> dict:
         meta = update.meta
         current = self.version
-        if self.failure is not None:
-            raise WireError(
-                503,
-                "coordinator_failed",
-                f"the server cannot apply updates ({self.failure}); its operator must restart it",
-                retry_after_s=30.0,
-                current_version=current,
-            )
         if meta.kind != self.strategy.update_kind:
             raise WireError(
                 422,
@@ -166,16 +222,7 @@ class Coordinator:
                 current_version=current,
                 lineage=self.lineage,
             )
-        try:
-            self._queue.put_nowait(Submission(node_id, update))
-        except queue.Full:
-            raise WireError(
-                503,
-                "busy",
-                "the server is aggregating a backlog; retry shortly",
-                retry_after_s=1.0,
-                current_version=current,
-            ) from None
+        self._queue.put_nowait(Submission(node_id, update))
         return {
             "accepted": True,
             "duplicate": False,
@@ -253,7 +300,10 @@ class Coordinator:
         except queue.Empty:
             submission = None
         if submission is not None:
-            self._aggregate(submission)
+            try:
+                self._aggregate(submission)
+            finally:
+                self.release(submission.node_id)
         if self._round_due() or (force_close and submission is None and self._round.updates):
             self._close_round()
             return True
@@ -348,8 +398,9 @@ class Coordinator:
         for name, p in self.params.items():
             before = self._before[name]
             delta = p.detach() - before
-            p.data.copy_(before)
-            p.data.add_(delta)
+            before.add_(delta)  # the same fp32 addition a node performs
+            # those become the weights; the old buffer takes the next round's copy of them
+            p.data, self._before[name] = before, p.data
             deltas[name] = delta
         return deltas
 

@@ -112,6 +112,7 @@ class ServerRuntime:
                 deadline_s=settings.round_deadline_s,
                 max_staleness=settings.max_staleness,
                 max_pending=settings.max_pending_updates,
+                max_pending_per_node=settings.max_pending_per_node,
                 base_lr=settings.lr,
                 warmup_versions=settings.warmup_versions,
                 decay_versions=settings.decay_versions,

@@ -59,14 +59,19 @@ async def submit_update(
     Checked before it touches state: sizes before and after decompression, tensor names and
     shapes against the manifest, indices in range and strictly increasing, finite values,
     metadata types. 409 when its base version is too old (or from before a server restart)."""
-    limits = runtime.limits
+    limits, coordinator = runtime.limits, runtime.coordinator
     body = b""
     try:
-        body = await read_body_capped(request, limits.max_body_bytes)
-        update = await anyio.to_thread.run_sync(
-            decode_update, body, content_encoding, runtime.manifest, limits
-        )
-        receipt = runtime.coordinator.submit(node_id, update)
+        coordinator.reserve(node_id)  # 503 before reading anything when the queue is full
+        try:
+            body = await read_body_capped(request, limits.max_body_bytes)
+            update = await anyio.to_thread.run_sync(
+                decode_update, body, content_encoding, runtime.manifest, limits
+            )
+        except BaseException:
+            coordinator.release(node_id)
+            raise
+        receipt = coordinator.submit(node_id, update, reserved=True)
     except WireError:
         runtime.nodes.refused(node_id, len(body))
         raise
