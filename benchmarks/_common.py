@@ -243,3 +243,19 @@ def _terminate(signum, frame) -> None:  # SIGTERM to the benchmark: unwind, stop
 
 atexit.register(stop_all)
 signal.signal(signal.SIGTERM, _terminate)
+
+
+def run_benchmark(parse_args: Callable, run: Callable, argv: list[str] | None = None) -> int:
+    """The shared main(): parse, run, print the JSON; always stop the processes it started."""
+    args = parse_args(argv)
+    try:
+        emit(run(args))
+    except (RuntimeError, OSError, httpx.HTTPError) as exc:
+        log(f"[bold red]benchmark failed:[/] {exc}")
+        return 1
+    except KeyboardInterrupt:
+        log("interrupted")
+        return 130
+    finally:
+        stop_all()
+    return 0

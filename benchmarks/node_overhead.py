@@ -21,20 +21,18 @@ import statistics
 import sys
 import time
 
-import httpx
 import torch
 
 from _common import (
     ChildProcess,
     ServerProcess,
     WorkDir,
-    emit,
     log,
     machine,
     process_cpu_seconds,
     ratio,
     rounds_in,
-    stop_all,
+    run_benchmark,
     timed_window,
 )
 from crowdtrain.algorithms.optimizers import OptimizerConfig, build_optimizer
@@ -308,18 +306,7 @@ def run(args: argparse.Namespace) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    try:
-        emit(run(args))
-    except (RuntimeError, OSError, httpx.HTTPError) as exc:
-        log(f"[bold red]benchmark failed:[/] {exc}")
-        return 1
-    except KeyboardInterrupt:
-        log("interrupted")
-        return 130
-    finally:
-        stop_all()
-    return 0
+    return run_benchmark(parse_args, run, argv)
 
 
 if __name__ == "__main__":

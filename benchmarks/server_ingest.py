@@ -31,14 +31,13 @@ from _common import (
     API,
     ServerProcess,
     WorkDir,
-    emit,
     log,
     machine,
     percentile,
     process_cpu_seconds,
     ratio,
     rounds_in,
-    stop_all,
+    run_benchmark,
     timed_window,
 )
 from crowdtrain.algorithms.aggregators import WeightedMean
@@ -569,18 +568,7 @@ def run(args: argparse.Namespace) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    try:
-        emit(run(args))
-    except (RuntimeError, OSError, httpx.HTTPError) as exc:
-        log(f"[bold red]benchmark failed:[/] {exc}")
-        return 1
-    except KeyboardInterrupt:
-        log("interrupted")
-        return 130
-    finally:
-        stop_all()
-    return 0
+    return run_benchmark(parse_args, run, argv)
 
 
 if __name__ == "__main__":

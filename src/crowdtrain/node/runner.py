@@ -1,14 +1,19 @@
-"""The node's main loop: sync, compute, compress, submit; resync and retry as needed.
+"""The node: three threads around one replica of the server's weights.
 
-With `overlap` (the default) the upload of one update runs in a background thread while the
-next gradient is computed on the weights the node holds then, so a fast node never sits idle;
-its updates are then at most about one version stale, which the server accepts.
+- main: applies what the follower fetched, computes a gradient, hands it to the uploader;
+- upload: top-k with error feedback, encode, POST (it alone owns the residuals);
+- follower: long-polls for each new version and decodes it (node/follower.py).
+
+With `overlap` (the default) the next gradient is computed while the last one is compressed
+and uploaded, so a fast node never sits idle; its updates are then about one version stale,
+which the server accepts.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import re
 import socket
 import threading
 import time
@@ -38,7 +43,7 @@ log = logging.getLogger(__name__)
 
 
 def default_node_name() -> str:
-    host = "".join(c if c.isalnum() or c in "._-" else "-" for c in socket.gethostname())
+    host = re.sub(r"[^A-Za-z0-9._-]", "-", socket.gethostname())  # what the server accepts
     return f"{host[:40] or 'node'}-{os.getpid()}"
 
 
@@ -115,18 +120,19 @@ class Node:
 
     def _load_snapshot(self) -> None:
         version, lineage, params = self.client.snapshot(self.manifest)
+        self._set_weights(params)
+        self.version, self.lineage = version, lineage
+
+    def _set_weights(self, params: dict[str, torch.Tensor]) -> None:
         with torch.no_grad():
             for name, p in self.params.items():
                 p.copy_(params[name])
-        self.version, self.lineage = version, lineage
 
     def apply_published(self) -> None:
         """Apply what the follower fetched, in order: the replica moves to the newest version."""
         for item in self.follower.take():
             if item.params is not None:
-                with torch.no_grad():
-                    for name, p in self.params.items():
-                        p.copy_(item.params[name])
+                self._set_weights(item.params)
                 self.stats.resyncs += 1
             else:
                 apply_deltas(self.params, item.chain)
