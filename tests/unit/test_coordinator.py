@@ -231,8 +231,12 @@ def test_refused_and_duplicate_updates_give_their_place_back():
     with pytest.raises(WireError):
         c.submit("a", update(c, base=7))  # from the future: refused
     first = update(c)
-    first = DecodedUpdate(first.meta.model_copy(update={"update_id": "x1"}), first.deltas,
-                          first.wire_bytes, first.raw_bytes)
+    first = DecodedUpdate(
+        first.meta.model_copy(update={"update_id": "x1"}),
+        first.deltas,
+        first.wire_bytes,
+        first.raw_bytes,
+    )
     c.submit("a", first)  # the refusal above did not keep a's only place
     c.reserve("b")
     c.release("b")
