@@ -89,9 +89,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--max-pending",
         type=int,
-        default=None,
-        help="server's max_pending_updates; None: 2 x senders, at least 8, so the backlog "
-        "drains in a few rounds (the server's own default is 64)",
+        default=64,
+        help="server's max_pending_updates (its default; each node may hold at most "
+        "max_pending_per_node = 2 of those places)",
     )
     parser.add_argument(
         "--server-threads",
@@ -259,7 +259,7 @@ def run_concurrency(
         "min_nodes": senders,
         "round_deadline_s": args.round_deadline,
     }
-    settings["max_pending_updates"] = args.max_pending or max(8, 2 * senders)
+    settings["max_pending_updates"] = args.max_pending
     threads = {}
     if args.server_threads:
         threads = {k: str(args.server_threads) for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS")}
@@ -530,7 +530,7 @@ def run(args: argparse.Namespace) -> dict:
             "warmup_s": args.warmup,
             "duration_s": args.duration,
             "round_deadline_s": args.round_deadline,
-            "max_pending_updates": args.max_pending or "2 x senders, at least 8",
+            "max_pending_updates": args.max_pending,
             "server_threads": args.server_threads or "default (one per core)",
             "min_nodes": "= senders",
             "sender_retry_on_503": "after Retry-After",

@@ -212,7 +212,9 @@ def demo(
     ),
     port: int = typer.Option(0, help="Server port (0 picks a free one)."),
     data_dir: Path | None = typer.Option(
-        None, help="Keep the server's data here (default: a temporary folder, removed afterwards)."
+        None,
+        help="Keep the server's data and logs here (default: a temporary folder, removed "
+        "after a successful run and kept when something fails).",
     ),
     prompt: str = typer.Option("The for statement", help="Prompt for the sample generation."),
 ) -> None:

@@ -12,7 +12,7 @@ from contextvars import ContextVar
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field, ValidationError
+from pydantic import Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 if sys.version_info >= (3, 11):
@@ -87,11 +87,39 @@ class ServerSettings(_Settings):
     checkpoint_every: int = Field(50, ge=1, description="write a checkpoint every N versions")
     keep_checkpoints: int = Field(3, ge=1, description="how many checkpoints to keep")
     delta_window: int = Field(8, ge=1, description="published deltas kept for incremental pulls")
-    delta_window_mb: float = Field(1024, gt=0, description="memory cap of that window")
+    delta_window_mb: float = Field(512, gt=0, description="memory cap of that window")
     evaluate: bool = Field(True, description="run the background Evaluator")
     eval_every: int = Field(10, ge=1, description="validate every N versions (and when idle)")
     eval_batches: int = Field(8, ge=1)
     eval_batch_size: int = Field(16, ge=1)
+
+    @field_validator("model")
+    @classmethod
+    def _known_model(cls, value: str) -> str:
+        from crowdtrain.model.presets import PRESETS
+
+        return _one_of(value, PRESETS, "model preset")
+
+    @field_validator("optimizer")
+    @classmethod
+    def _known_optimizer(cls, value: str) -> str:
+        from crowdtrain.algorithms.optimizers import OPTIMIZERS
+
+        return _one_of(value, OPTIMIZERS, "optimizer")
+
+    @field_validator("aggregator")
+    @classmethod
+    def _known_aggregator(cls, value: str) -> str:
+        from crowdtrain.algorithms.aggregators import AGGREGATORS
+
+        return _one_of(value, AGGREGATORS, "aggregator")
+
+
+def _one_of(value: str, registry: dict, what: str) -> str:
+    """Fail at start, naming the choices, rather than after minutes of set-up."""
+    if value not in registry:
+        raise ValueError(f"unknown {what} {value!r}; choose one of: {', '.join(registry)}")
+    return value
 
 
 class NodeSettings(_Settings):
@@ -121,6 +149,13 @@ class NodeSettings(_Settings):
     overlap: bool = Field(True, description="compute the next step while the last one uploads")
     request_timeout_s: float = Field(120, gt=0)
     max_backoff_s: float = Field(30, gt=0, description="longest wait between retries")
+
+    @field_validator("value_codec")
+    @classmethod
+    def _known_codec(cls, value: str) -> str:
+        from crowdtrain.compression.codecs import VALUE_CODECS
+
+        return _one_of(value, VALUE_CODECS, "value codec")
 
 
 SECTIONS: dict[str, type[_Settings]] = {"server": ServerSettings, "node": NodeSettings}

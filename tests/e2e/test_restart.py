@@ -40,3 +40,7 @@ def test_server_killed_and_restarted_nodes_continue(e2e):
     assert all(n["updates_accepted"] > 0 for n in after.values())
     rounds = e2e.get("/history")["rounds"]
     assert [r["version"] for r in rounds] == list(range(1, len(rounds) + 1))
+
+    # Ctrl-C (SIGINT) stops a node cleanly: it finishes its upload and exits with status 0
+    e2e.swarm.stop_nodes(timeout=60)
+    assert [node.returncode for node in e2e.swarm.nodes] == [0, 0], e2e.logs()

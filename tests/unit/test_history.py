@@ -21,3 +21,10 @@ def test_truncate_after_forgets_versions_past_a_checkpoint(tmp_path):
     log.truncate_after(3)
     assert [r["version"] for r in log.since(-1)] == [1, 2, 3]
     assert [r["version"] for r in HistoryLog(tmp_path / "evals.jsonl").records] == [1, 2, 3]
+
+
+def test_a_bad_line_in_the_middle_loses_only_itself(tmp_path):
+    path = tmp_path / "rounds.jsonl"
+    path.write_text('{"version": 1}\nnot json\n[1, 2]\n{"version": 3}\n')
+    assert [r["version"] for r in HistoryLog(path).records] == [1, 3]
+    assert [r["version"] for r in HistoryLog(path).records] == [1, 3]  # rewritten clean

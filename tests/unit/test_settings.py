@@ -173,3 +173,20 @@ def test_invalid_toml_fails(tmp_path):
     config = write_config(tmp_path, "[server\nport = \n")
     with pytest.raises(SettingsError, match="not valid TOML"):
         load_settings(ServerSettings, config)
+
+
+@pytest.mark.parametrize(
+    "field, value, choices",
+    [("model", "huge", "tiny"), ("optimizer", "lion", "adamw"), ("aggregator", "x", "mean")],
+)
+def test_unknown_registry_names_fail_at_start_listing_the_choices(field, value, choices):
+    with pytest.raises(SettingsError) as info:
+        load_settings(ServerSettings, **{field: value})
+    assert "unknown" in str(info.value) and value in str(info.value)
+    assert choices in str(info.value)
+
+
+def test_unknown_value_codec_fails_at_start(monkeypatch):
+    monkeypatch.setenv("CROWDTRAIN_NODE_VALUE_CODEC", "int3")
+    with pytest.raises(SettingsError, match="fp16"):
+        load_settings(NodeSettings)

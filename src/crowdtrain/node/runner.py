@@ -140,11 +140,11 @@ class Node:
 
     # ---- the loop -----------------------------------------------------------------------
 
-    def _budget_left(self) -> bool:
+    def _budget_left(self, in_flight: int = 0) -> bool:
         s = self.settings
         if self.stop_event.is_set():
             return False
-        if s.max_updates is not None and self.stats.updates >= s.max_updates:
+        if s.max_updates is not None and self.stats.updates + in_flight >= s.max_updates:
             return False
         return s.duration_s is None or time.monotonic() - self.stats.started < s.duration_s
 
@@ -205,7 +205,7 @@ class Node:
         )
         self.follower.start()
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="upload") as uploads:
-            while self._budget_left():
+            while self._budget_left(in_flight=0 if in_flight is None else 1):
                 self.apply_published()
                 base_version = self.version
                 step = self.trainer.compute_gradient()

@@ -1,6 +1,6 @@
 """The update wire format: encode a node's sparse update, decode and check one strictly.
 
-Layout (ARCHITECTURE.md "Wire"): a safetensors container, compressed as a whole (zstd by
+Layout (docs/wire-format.md): a safetensors container, compressed as a whole (zstd by
 default). Per parameter either `NAME.idx` (sorted int32) + `NAME.val`, or `NAME.dense`. The
 metadata carries the format version, value codec and the submission facts.
 """

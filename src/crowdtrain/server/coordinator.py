@@ -33,16 +33,18 @@ RECENT_UPDATE_IDS = 4096  # remembered for answering resent submissions
 
 @dataclass(frozen=True)
 class RoundPolicy:
+    """The round rules; the server builds it from ServerSettings (same meanings, same defaults)."""
+
     min_nodes: int = 1
     deadline_s: float = 10.0
-    max_staleness: int = 2
+    max_staleness: int = 4
     max_pending: int = 64
     max_pending_per_node: int = 2
-    base_lr: float = 3e-3
+    base_lr: float = 1e-3
     warmup_versions: int = 20
     decay_versions: int | None = None
-    delta_window: int = 32
-    delta_window_bytes: int = 1 << 30
+    delta_window: int = 8
+    delta_window_bytes: int = 512 << 20
 
 
 @dataclass

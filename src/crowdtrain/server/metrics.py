@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import json
+import logging
 import threading
 from pathlib import Path
 from typing import Any
 
 from crowdtrain.files import write_atomic
+
+log = logging.getLogger(__name__)
 
 
 class HistoryLog:
@@ -21,14 +24,21 @@ class HistoryLog:
             lines = self.path.read_text(encoding="utf-8", errors="replace").splitlines()
             for line in lines:
                 try:
-                    self.records.append(json.loads(line))
+                    record = json.loads(line)
                 except json.JSONDecodeError:
-                    break  # a torn last line after a crash: everything before it is good
-            if len(self.records) != len(lines):  # drop the torn tail so appends stay readable
-                write_atomic(self.path, "".join(json.dumps(r) + "\n" for r in self.records))
+                    record = None
+                if isinstance(record, dict) and isinstance(record.get("version"), int):
+                    self.records.append(record)
+                else:  # a line torn by a crash (or edited by hand): skip it, keep the rest
+                    log.warning("%s: skipping an unreadable line", self.path.name)
+            if len(self.records) != len(lines):  # rewrite so appends follow whole lines
+                self._rewrite()
+
+    def _rewrite(self) -> None:
+        write_atomic(self.path, "".join(_line(r) for r in self.records))
 
     def append(self, record: dict[str, Any]) -> None:
-        line = json.dumps(record, separators=(",", ":")) + "\n"
+        line = _line(record)
         with self._lock:
             self.records.append(record)
             with self.path.open("a", encoding="utf-8") as handle:
@@ -39,9 +49,10 @@ class HistoryLog:
         """Forget records past `version` (the server resumed from an older checkpoint)."""
         with self._lock:
             kept = [r for r in self.records if r["version"] <= version]
-            if len(kept) != len(self.records):
-                write_atomic(self.path, "".join(json.dumps(r) + "\n" for r in kept))
+            changed = len(kept) != len(self.records)
             self.records = kept
+            if changed:
+                self._rewrite()
 
     def since(self, version: int, limit: int = 10_000) -> list[dict[str, Any]]:
         with self._lock:
@@ -50,3 +61,7 @@ class HistoryLog:
     def last(self) -> dict[str, Any] | None:
         with self._lock:
             return self.records[-1] if self.records else None
+
+
+def _line(record: dict[str, Any]) -> str:
+    return json.dumps(record, separators=(",", ":")) + "\n"

@@ -200,6 +200,12 @@ class ServerRuntime:
         """Apply what was accepted, write a final checkpoint, stop the background threads."""
         self.coordinator.stop(drain=True)
         self.evaluator.stop()
+        if self.coordinator.failure is not None:
+            # the optimizer state may be half a step along: resume from the last good checkpoint
+            log.error(
+                "not writing a final checkpoint after the failure: %s", self.coordinator.failure
+            )
+            return
         self.save_checkpoint()
 
     def info(self) -> dict:
