@@ -84,6 +84,14 @@ class ServerSettings(_Settings):
     max_update_mb: float | None = Field(
         None, gt=0, description="cap on an update body; None: derived from the model size"
     )
+    downlink_density: float = Field(
+        1.0,
+        gt=0,
+        le=1,
+        description="fraction of each published step's entries sent to nodes "
+        "(top-k with the server's error feedback); 1: the whole step",
+    )
+    downlink_value_codec: str = Field("fp32", description="value codec of published deltas")
     checkpoint_every: int = Field(50, ge=1, description="write a checkpoint every N versions")
     keep_checkpoints: int = Field(3, ge=1, description="how many checkpoints to keep")
     delta_window: int = Field(8, ge=1, description="published deltas kept for incremental pulls")
@@ -106,6 +114,13 @@ class ServerSettings(_Settings):
         from crowdtrain.algorithms.optimizers import OPTIMIZERS
 
         return _one_of(value, OPTIMIZERS, "optimizer")
+
+    @field_validator("downlink_value_codec")
+    @classmethod
+    def _known_downlink_codec(cls, value: str) -> str:
+        from crowdtrain.compression.codecs import VALUE_CODECS
+
+        return _one_of(value, VALUE_CODECS, "value codec")
 
     @field_validator("aggregator")
     @classmethod

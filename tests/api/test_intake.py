@@ -94,10 +94,11 @@ def test_valid_update_is_accepted_and_advances_the_version(server):
     )
     assert response.status_code == 200
     assert response.headers["x-crowdtrain-version"] == str(new)
-    chain, chain_lineage = decode_deltas(response.content, server.runtime.manifest)
+    chain, chain_lineage, codec = decode_deltas(response.content, server.runtime.manifest)
     assert chain_lineage == lineage and [v for v, _ in chain] == [new]
     for name, delta in chain[0][1].items():
-        assert torch.equal(old_params[name].add_(delta), new_params[name]), name
+        delta.add_to(old_params[name], codec)
+        assert torch.equal(old_params[name], new_params[name]), name
 
     record = server.node("first-node")
     assert record["updates_accepted"] == 1 and record["updates_refused"] == 0

@@ -204,3 +204,17 @@ def test_checkpoint_save_leaves_no_temp_files(tmp_path):
     store, _ = two_checkpoints(tmp_path)
     names = sorted(p.name for p in tmp_path.iterdir())
     assert names == ["checkpoint-000000001.safetensors", "checkpoint-000000002.safetensors"]
+
+
+def test_downlink_residuals_survive_a_restart(tmp_path):
+    # what the server's downlink held back is still owed to the nodes after a restart
+    model, optimizer = trained()
+    checkpoint = checkpoint_of(model, optimizer, version=7)
+    checkpoint.downlink_residuals = {n: torch.randn(p.shape) for n, p in model.named_parameters()}
+    store = CheckpointStore(tmp_path)
+    store.save(checkpoint)
+    loaded = store.load_latest()
+    assert set(loaded.downlink_residuals) == set(checkpoint.downlink_residuals)
+    for name, residual in checkpoint.downlink_residuals.items():
+        assert torch.equal(loaded.downlink_residuals[name], residual)
+    assert set(loaded.params) == {n for n, _ in model.named_parameters()}

@@ -10,7 +10,9 @@ import torch
 from crowdtrain.algorithms.aggregators import WeightedMean
 from crowdtrain.algorithms.optimizers import OptimizerConfig, build_optimizer
 from crowdtrain.algorithms.strategies import SyncStrategy
+from crowdtrain.compression.codecs import get_value_codec
 from crowdtrain.compression.sparse import SparseDelta
+from crowdtrain.compression.topk import TopKCompressor
 from crowdtrain.protocol.errors import WireError
 from crowdtrain.protocol.update import UPDATE_FORMAT, DecodedUpdate, UpdateMeta
 from crowdtrain.server.coordinator import Coordinator, RoundPolicy
@@ -85,22 +87,51 @@ def test_round_closes_on_deadline_without_quorum():
         c.stop()
 
 
-def test_published_delta_is_exactly_what_was_applied():
+@pytest.mark.parametrize("downlink", [None, (0.2, "fp16"), (0.5, "bf16")])
+def test_published_delta_is_exactly_what_was_applied(downlink):
     c = make_coordinator(min_nodes=1)
+    if downlink is not None:
+        c.downlink = TopKCompressor(downlink[0], get_value_codec(downlink[1]))
+        c.downlink_codec = c.downlink.codec
     before = {n: p.detach().clone() for n, p in c.params.items()}
+    replica = {n: t.clone() for n, t in before.items()}
     c.start()
     try:
-        c.submit("a", update(c, scale=0.37))
-        wait_version(c, 1)
+        for expected in (1, 2, 3):
+            c.submit("a", update(c, scale=0.37 * expected))
+            wait_version(c, expected)
         chain = c.deltas_since(0, c.lineage)
     finally:
         c.stop()
-    assert [v for v, _ in chain] == [1]
+    assert [v for v, _ in chain] == [1, 2, 3]
+    for _, deltas in chain:
+        if downlink is not None:  # sparse: top-k of each parameter, in the codec's dtype
+            assert all(d.values.dtype == c.downlink_codec.wire_dtype for d in deltas.values())
+            assert all(d.indices is not None for d in deltas.values())
+        for name, delta in deltas.items():
+            delta.add_to(replica[name], c.downlink_codec)
     for name, p in c.params.items():
-        replica = before[name].clone()
-        replica.add_(chain[0][1][name])
-        assert torch.equal(replica, p.detach())
-        assert not torch.equal(replica, before[name])
+        assert torch.equal(replica[name], p.detach())
+        assert not torch.equal(replica[name], before[name])
+
+
+def test_lossy_downlink_holds_back_what_it_does_not_publish():
+    # what the optimizer asked for == what was published + what the downlink still owes
+    c = make_coordinator(min_nodes=1)
+    c.downlink = TopKCompressor(0.25, get_value_codec("fp32"))
+    c.downlink_codec = c.downlink.codec
+    free = make_coordinator(min_nodes=1)  # the same run without a lossy downlink
+    for coordinator in (c, free):
+        coordinator.start()
+        try:
+            coordinator.submit("a", update(coordinator))
+            wait_version(coordinator, 1)
+        finally:
+            coordinator.stop()
+    for name, p in c.params.items():
+        owed = c.downlink.residuals[name]
+        assert owed.abs().sum() > 0
+        assert torch.allclose(p.detach() + owed, free.params[name].detach(), atol=1e-6)
 
 
 def test_stale_future_and_foreign_updates_are_refused_without_state_change():

@@ -420,43 +420,52 @@ def test_snapshot_checked_against_the_manifest():
     with pytest.raises(WireError, match="wrong shape"):
         decode_snapshot(encode_snapshot(params, 1, "x"), MANIFEST)
     with pytest.raises(WireError, match="not a snapshot"):
-        decode_snapshot(encode_deltas([], "x"), MANIFEST)
+        decode_snapshot(encode_deltas([], "x", "fp32"), MANIFEST)
 
 
 def test_delta_chain_round_trip_reconstructs_the_weights():
     start = model_params(0)
-    chain = [(v, {name: torch.randn(p.shape) * 1e-3 for name, p in start.items()}) for v in (5, 6)]
-    raw = encode_deltas(chain, lineage="beef")
-    decoded, lineage = decode_deltas(raw, MANIFEST)
-    assert lineage == "beef"
+    dense = {name: SparseDelta(None, torch.randn(p.shape) * 1e-3) for name, p in start.items()}
+    sparse = {
+        "w": SparseDelta(torch.tensor([0, 7, 19], dtype=torch.int32), torch.randn(3) * 1e-3),
+        "b": SparseDelta(torch.tensor([4], dtype=torch.int32), torch.randn(1) * 1e-3),
+    }
+    chain = [(5, dense), (6, sparse)]
+    decoded, lineage, codec = decode_deltas(encode_deltas(chain, "beef", "fp32"), MANIFEST)
+    assert lineage == "beef" and codec.name == "fp32"
     assert [v for v, _ in decoded] == [5, 6]
+    assert set(decoded[1][1]) == {"w", "b"}  # a parameter a version leaves out is unchanged
     expected = {name: p.clone() for name, p in start.items()}
     got = {name: p.clone() for name, p in start.items()}
     for (_, sent), (_, received) in zip(chain, decoded, strict=True):
-        for name in MANIFEST.by_name:
-            expected[name].add_(sent[name])
-            got[name].add_(received[name])
+        for name in sent:
+            sent[name].add_to(expected[name], codec)
+            received[name].add_to(got[name], codec)
     for name in MANIFEST.by_name:
         assert torch.equal(got[name], expected[name])
+        assert not torch.equal(got[name], start[name])
 
 
 def test_empty_delta_chain_round_trips():
-    assert decode_deltas(encode_deltas([], "beef"), MANIFEST) == ([], "beef")
+    chain, lineage, codec = decode_deltas(encode_deltas([], "beef", "fp16"), MANIFEST)
+    assert (chain, lineage, codec.name) == ([], "beef", "fp16")
 
 
 def test_delta_chain_checked_against_the_manifest():
-    params = model_params()
-    del params["b"]
-    with pytest.raises(WireError, match="2/b") as info:
-        decode_deltas(encode_deltas([(2, params)], "x"), MANIFEST)
-    assert info.value.code == "bad_deltas"
+    bad = {"w": SparseDelta(None, torch.zeros(3))}  # wrong shape for w
+    with pytest.raises(WireError, match="shape"):
+        decode_deltas(encode_deltas([(2, bad)], "x", "fp32"), MANIFEST)
+    unsorted = {"w": SparseDelta(torch.tensor([5, 1], dtype=torch.int32), torch.ones(2))}
+    with pytest.raises(WireError) as info:
+        decode_deltas(encode_deltas([(2, unsorted)], "x", "fp32"), MANIFEST)
+    assert info.value.code == "unsorted_indices"
     with pytest.raises(WireError, match="not a delta chain"):
         decode_deltas(encode_snapshot(model_params(), 1, "x"), MANIFEST)
 
 
 @pytest.mark.parametrize("versions", [None, "not json", "5"])
 def test_delta_chain_with_bad_versions_metadata_is_a_wire_error(versions):
-    meta = {"format": "crowdtrain.deltas/1", "lineage": "x"}
+    meta = {"format": "crowdtrain.deltas/2", "lineage": "x", "value_codec": "fp32"}
     if versions is not None:
         meta["versions"] = versions
     with pytest.raises(WireError):

@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
+
+if TYPE_CHECKING:
+    from crowdtrain.compression.codecs import ValueCodec
 
 
 @dataclass(frozen=True)
@@ -25,6 +29,21 @@ class SparseDelta:
     @property
     def nnz(self) -> int:
         return self.values.numel()
+
+    @property
+    def nbytes(self) -> int:
+        size = self.values.numel() * self.values.element_size()
+        return size + (0 if self.indices is None else self.indices.numel() * 4)
+
+    def add_to(self, target: torch.Tensor, codec: ValueCodec) -> None:
+        """target += this delta (values read with `codec`), in fp32, in place. The server and
+        every node apply a published delta with this one function, so their weights stay
+        bit-identical: each entry is one IEEE addition (indices are unique), on any device."""
+        values = codec.extract(self.values.to(target.device))
+        if self.indices is None:
+            target.add_(values.reshape(target.shape))
+        else:
+            target.view(-1).index_add_(0, self.indices.to(target.device), values)
 
     def to_dense(self, shape: torch.Size | tuple[int, ...]) -> torch.Tensor:
         """Materialize as a dense fp32 tensor of `shape` (absent entries are zero)."""

@@ -13,6 +13,8 @@ import httpx
 import torch
 
 from crowdtrain import __version__
+from crowdtrain.compression.codecs import ValueCodec, get_value_codec
+from crowdtrain.compression.sparse import SparseDelta
 from crowdtrain.protocol.manifest import Manifest
 from crowdtrain.protocol.snapshot import decode_deltas, decode_snapshot
 
@@ -119,8 +121,11 @@ class CoordinatorClient:
         params, meta = decode_snapshot(response.content, manifest)
         return meta["version"], meta["lineage"], params
 
-    def deltas(self, since: int, lineage: str, manifest: Manifest, wait: float = 0.0):
-        """The chain of published deltas after `since` ([] when none); None: take a snapshot."""
+    def deltas(
+        self, since: int, lineage: str, manifest: Manifest, wait: float = 0.0
+    ) -> DeltaChain | None:
+        """The published deltas after `since` (an empty chain when there is nothing newer);
+        None when the node must take a snapshot instead."""
         try:
             response = self.request(
                 "GET",
@@ -133,11 +138,11 @@ class CoordinatorClient:
                 return None
             raise
         if response.status_code == 204:
-            return []
-        chain, chain_lineage = decode_deltas(response.content, manifest)
+            return DeltaChain([], get_value_codec("fp32"))
+        chain, chain_lineage, codec = decode_deltas(response.content, manifest)
         if chain_lineage != lineage:
             return None
-        return chain
+        return DeltaChain(chain, codec)
 
     def submit(self, body: bytes) -> dict:
         response = self.request(
@@ -156,13 +161,28 @@ class CoordinatorClient:
         ).json()
 
 
-def apply_deltas(params: dict[str, torch.Tensor], chain) -> int:
-    """Advance `params` in place through a delta chain; returns the new version."""
-    with torch.no_grad():
-        for _, deltas in chain:
-            for name, delta in deltas.items():
-                params[name].add_(delta.to(params[name].device))
-    return chain[-1][0]
+@dataclass
+class DeltaChain:
+    """Published deltas in version order, and the codec their values are in."""
+
+    versions: list[tuple[int, dict[str, SparseDelta]]]
+    codec: ValueCodec
+
+    def __bool__(self) -> bool:
+        return bool(self.versions)
+
+    @property
+    def last_version(self) -> int:
+        return self.versions[-1][0]
+
+    def apply_to(self, params: dict[str, torch.Tensor]) -> int:
+        """Advance `params` in place through the chain (the server's own addition, see
+        SparseDelta.add_to); returns the version they are at now."""
+        with torch.no_grad():
+            for _, deltas in self.versions:
+                for name, delta in deltas.items():
+                    delta.add_to(params[name], self.codec)
+        return self.last_version
 
 
 def _json_or_text(response: httpx.Response) -> dict:

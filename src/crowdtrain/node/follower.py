@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-from crowdtrain.node.client import CoordinatorClient, Stopped
+from crowdtrain.node.client import CoordinatorClient, DeltaChain, Stopped
 from crowdtrain.protocol.manifest import Manifest
 
 log = logging.getLogger(__name__)
@@ -29,7 +29,7 @@ class Published:
 
     version: int
     lineage: str
-    chain: list[tuple[int, dict[str, torch.Tensor]]] | None = None
+    chain: DeltaChain | None = None
     params: dict[str, torch.Tensor] | None = None
 
 
@@ -83,7 +83,7 @@ class Follower:
                     self.snapshots += 1
                     self._push(Published(version, lineage, params=params))
                 elif chain:
-                    self._push(Published(chain[-1][0], self.lineage, chain=chain))
+                    self._push(Published(chain.last_version, self.lineage, chain=chain))
             except Stopped:
                 return
             except Exception as exc:  # a bad download: log it, try again shortly

@@ -31,7 +31,7 @@ from crowdtrain.data.batches import BatchSampler, encode_documents
 from crowdtrain.data.corpus import default_corpus, load_text_files
 from crowdtrain.model.gpt import GPT, GPTConfig
 from crowdtrain.model.tokenizer import Tokenizer
-from crowdtrain.node.client import CoordinatorClient, Refused, Stopped, apply_deltas
+from crowdtrain.node.client import CoordinatorClient, Refused, Stopped
 from crowdtrain.node.follower import Follower
 from crowdtrain.node.progress import NodeProgress
 from crowdtrain.node.trainer import LocalTrainer, StepResult, pick_device
@@ -135,7 +135,7 @@ class Node:
                 self._set_weights(item.params)
                 self.stats.resyncs += 1
             else:
-                apply_deltas(self.params, item.chain)
+                item.chain.apply_to(self.params)
             self.version, self.lineage = item.version, item.lineage
 
     # ---- the loop -----------------------------------------------------------------------

@@ -6,12 +6,15 @@ import json
 
 import torch
 
+from crowdtrain.compression.codecs import ValueCodec, get_value_codec
+from crowdtrain.compression.sparse import SparseDelta
 from crowdtrain.protocol import safetensors_io
 from crowdtrain.protocol.errors import WireError
 from crowdtrain.protocol.manifest import Manifest
+from crowdtrain.protocol.update import checked_deltas, group_tensor_names, wire_tensors
 
 SNAPSHOT_FORMAT = "crowdtrain.snapshot/1"
-DELTAS_FORMAT = "crowdtrain.deltas/1"
+DELTAS_FORMAT = "crowdtrain.deltas/2"
 SNAPSHOT_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -47,40 +50,57 @@ def decode_snapshot(raw: bytes, manifest: Manifest) -> tuple[dict[str, torch.Ten
     }
 
 
-def encode_deltas(chain: list[tuple[int, dict[str, torch.Tensor]]], lineage: str) -> bytes:
-    """A chain of published deltas; entry (v, d) turns version v-1 into v via `p.add_(d)`."""
-    tensors = {f"{version}/{name}": d for version, deltas in chain for name, d in deltas.items()}
+def encode_deltas(
+    chain: list[tuple[int, dict[str, SparseDelta]]], lineage: str, value_codec: str
+) -> bytes:
+    """A chain of published deltas; entry (v, d) turns version v-1 into v (SparseDelta.add_to).
+
+    Tensors are the update layout per version: `{v}/NAME.idx` + `{v}/NAME.val`, or
+    `{v}/NAME.dense`, values in `value_codec`."""
+    tensors: dict[str, torch.Tensor] = {}
+    for version, deltas in chain:
+        tensors.update(wire_tensors(deltas, prefix=f"{version}/"))
     versions = [version for version, _ in chain]
-    meta = {"format": DELTAS_FORMAT, "lineage": lineage, "versions": json.dumps(versions)}
+    meta = {
+        "format": DELTAS_FORMAT,
+        "lineage": lineage,
+        "versions": json.dumps(versions),
+        "value_codec": value_codec,
+    }
     return safetensors_io.dump(tensors, meta)
 
 
 def decode_deltas(
     raw: bytes, manifest: Manifest
-) -> tuple[list[tuple[int, dict[str, torch.Tensor]]], str]:
-    """The chain in version order and its lineage, every tensor checked against the manifest."""
+) -> tuple[list[tuple[int, dict[str, SparseDelta]]], str, ValueCodec]:
+    """(chain in version order, its lineage, its value codec), every tensor checked."""
     header, meta = safetensors_io.read_header(raw)
     if meta.get("format") != DELTAS_FORMAT:
         raise WireError(400, "bad_deltas", f"not a delta chain (format {meta.get('format')!r})")
     try:
         versions = [_version_of(v) for v in json.loads(meta.get("versions", ""))]
+        codec = get_value_codec(meta.get("value_codec", ""))
     except (ValueError, TypeError):
         raise WireError(
             400,
             "bad_deltas",
-            "delta chain metadata 'versions' must be a JSON list of version numbers",
+            "delta chain metadata needs 'versions' (a JSON list of version numbers) and a "
+            "known 'value_codec'",
         ) from None
+    names_by_version: dict[int, list[str]] = {v: [] for v in versions}
+    for tensor_name in header:
+        version, _, name = tensor_name.partition("/")
+        if not version.isdigit() or int(version) not in names_by_version:
+            raise WireError(400, "bad_deltas", f"tensor {tensor_name!r} is not in the chain")
+        names_by_version[int(version)].append(name)
     tensors = safetensors_io.load(raw) if header else {}
     chain = []
     for version in versions:
-        deltas = {}
-        for name, spec in manifest.by_name.items():
-            tensor = tensors.get(f"{version}/{name}")
-            if tensor is None or tuple(tensor.shape) != spec.shape:
-                raise WireError(400, "bad_deltas", f"delta {version}/{name} missing or misshapen")
-            deltas[name] = tensor
-        chain.append((version, deltas))
-    return chain, _lineage_of(meta, "bad_deltas")
+        groups = group_tensor_names(names_by_version[version], manifest)
+        chain.append(
+            (version, checked_deltas(groups, tensors, manifest, codec, prefix=f"{version}/"))
+        )
+    return chain, _lineage_of(meta, "bad_deltas"), codec
 
 
 def _version_of(value) -> int:

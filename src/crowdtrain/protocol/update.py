@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from crowdtrain.compression.codecs import get_value_codec
+from crowdtrain.compression.codecs import ValueCodec, get_value_codec
 from crowdtrain.compression.sparse import SparseDelta
 from crowdtrain.protocol import encoding, safetensors_io
 from crowdtrain.protocol.errors import WireError
@@ -100,14 +100,7 @@ class IntakeLimits:
 def encode_update(
     deltas: dict[str, SparseDelta], meta: UpdateMeta, content_encoding: str = "zstd"
 ) -> bytes:
-    tensors: dict[str, torch.Tensor] = {}
-    for name, delta in deltas.items():
-        if delta.indices is None:
-            tensors[f"{name}.dense"] = delta.values
-        else:
-            tensors[f"{name}.idx"] = delta.indices.to(torch.int32)
-            tensors[f"{name}.val"] = delta.values
-    raw = safetensors_io.dump(tensors, meta.to_wire())
+    raw = safetensors_io.dump(wire_tensors(deltas), meta.to_wire())
     return encoding.compress(raw, content_encoding)
 
 
@@ -123,14 +116,27 @@ def decode_update(
     header, metadata = safetensors_io.read_header(raw)
     meta = _parse_meta(metadata)
     codec = get_value_codec(meta.value_codec)
-    groups = _group_tensor_names(header, manifest)
-    tensors = safetensors_io.load(raw)
+    if not header:
+        raise WireError(422, "empty_update", "update carries no tensors")
+    groups = group_tensor_names(header, manifest)
+    deltas = checked_deltas(groups, safetensors_io.load(raw), manifest, codec)
+    return DecodedUpdate(meta=meta, deltas=deltas, wire_bytes=len(body), raw_bytes=len(raw))
 
+
+def checked_deltas(
+    groups: dict[str, set[str]],
+    tensors: dict[str, torch.Tensor],
+    manifest: Manifest,
+    codec: ValueCodec,
+    prefix: str = "",
+) -> dict[str, SparseDelta]:
+    """Per parameter, the delta its tensors (named `prefix + NAME.suffix`) carry, checked:
+    layout, dtypes, shapes, index range and order, finiteness. Raises WireError."""
     deltas: dict[str, SparseDelta] = {}
     for name, suffixes in groups.items():
         spec = manifest.by_name[name]
         if suffixes == {"dense"}:
-            values = tensors[f"{name}.dense"]
+            values = tensors[f"{prefix}{name}.dense"]
             _expect(
                 values.dtype == codec.wire_dtype,
                 "bad_dtype",
@@ -145,7 +151,7 @@ def decode_update(
             _check_finite(name, values)
             deltas[name] = SparseDelta(indices=None, values=values)
         elif suffixes == {"idx", "val"}:
-            indices, values = tensors[f"{name}.idx"], tensors[f"{name}.val"]
+            indices, values = tensors[f"{prefix}{name}.idx"], tensors[f"{prefix}{name}.val"]
             _check_sparse(name, indices, values, spec.numel, codec.wire_dtype)
             deltas[name] = SparseDelta(indices=indices, values=values)
         else:
@@ -155,7 +161,19 @@ def decode_update(
                 f"parameter {name!r} must carry either .idx and .val or .dense; got "
                 f"{sorted('.' + s for s in suffixes)}",
             )
-    return DecodedUpdate(meta=meta, deltas=deltas, wire_bytes=len(body), raw_bytes=len(raw))
+    return deltas
+
+
+def wire_tensors(deltas: dict[str, SparseDelta], prefix: str = "") -> dict[str, torch.Tensor]:
+    """The wire tensors of a set of deltas: NAME.idx + NAME.val, or NAME.dense."""
+    tensors: dict[str, torch.Tensor] = {}
+    for name, delta in deltas.items():
+        if delta.indices is None:
+            tensors[f"{prefix}{name}.dense"] = delta.values
+        else:
+            tensors[f"{prefix}{name}.idx"] = delta.indices.to(torch.int32)
+            tensors[f"{prefix}{name}.val"] = delta.values
+    return tensors
 
 
 def _expect(condition: bool, code: str, message: str) -> None:
@@ -174,11 +192,10 @@ def _parse_meta(metadata: dict[str, str]) -> UpdateMeta:
         raise WireError(422, "bad_metadata", f"update metadata is invalid: {problems}") from None
 
 
-def _group_tensor_names(header: dict, manifest: Manifest) -> dict[str, set[str]]:
-    if not header:
-        raise WireError(422, "empty_update", "update carries no tensors")
+def group_tensor_names(names, manifest: Manifest) -> dict[str, set[str]]:
+    """{parameter: its suffixes} for tensor names NAME.idx / NAME.val / NAME.dense."""
     groups: dict[str, set[str]] = {}
-    for tensor_name in header:
+    for tensor_name in names:
         name, _, suffix = tensor_name.rpartition(".")
         if suffix not in SUFFIXES or name not in manifest.by_name:
             raise WireError(

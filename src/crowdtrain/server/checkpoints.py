@@ -11,7 +11,7 @@ import hashlib
 import json
 import logging
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +35,7 @@ class Checkpoint:
     params: dict[str, torch.Tensor]
     optimizer_state: dict[str, Any]
     info: dict[str, Any]  # model config, settings, coordinator state, tokenizer JSON, ...
+    downlink_residuals: dict[str, torch.Tensor] = field(default_factory=dict)  # not yet sent
 
 
 class CorruptCheckpoint(Exception):
@@ -90,11 +91,15 @@ class CheckpointStore:
             raise CorruptCheckpoint(f"{path.name}: not a crowdtrain checkpoint")
         if metadata.get("sha256") != _digest(tensors, metadata):
             raise CorruptCheckpoint(f"{path.name}: checksum mismatch (the file is corrupt)")
-        params = {k.removeprefix("model."): v for k, v in tensors.items() if k.startswith("model.")}
+        params = _with_prefix(tensors, "model.")
         try:
             optimizer_state = _unflatten_optimizer(tensors, json.loads(metadata["optimizer"]))
             return Checkpoint(
-                int(metadata["version"]), params, optimizer_state, json.loads(metadata["info"])
+                int(metadata["version"]),
+                params,
+                optimizer_state,
+                json.loads(metadata["info"]),
+                _with_prefix(tensors, "downlink."),
             )
         except (KeyError, ValueError, TypeError) as exc:
             raise CorruptCheckpoint(f"{path.name}: bad metadata ({exc})") from None
@@ -109,10 +114,16 @@ class CheckpointStore:
         return None
 
 
+def _with_prefix(tensors: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    return {k.removeprefix(prefix): v for k, v in tensors.items() if k.startswith(prefix)}
+
+
 def _flatten(checkpoint: Checkpoint) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     tensors = {
         f"model.{name}": t.detach().cpu().contiguous() for name, t in checkpoint.params.items()
     }
+    for name, residual in checkpoint.downlink_residuals.items():
+        tensors[f"downlink.{name}"] = residual.detach().cpu().contiguous()
     state = checkpoint.optimizer_state
     scalars: dict[str, dict[str, Any]] = {}
     for index, entry in state["state"].items():

@@ -23,6 +23,9 @@ import torch
 from crowdtrain.algorithms.aggregators import Aggregator
 from crowdtrain.algorithms.optimizers import learning_rate
 from crowdtrain.algorithms.strategies import Strategy
+from crowdtrain.compression.codecs import get_value_codec
+from crowdtrain.compression.sparse import SparseDelta
+from crowdtrain.compression.topk import TopKCompressor
 from crowdtrain.protocol.errors import WireError
 from crowdtrain.protocol.update import DecodedUpdate
 
@@ -88,8 +91,13 @@ class Coordinator:
         policy: RoundPolicy,
         version: int = 0,
         totals: dict | None = None,
+        downlink: TopKCompressor | None = None,
     ):
         self.params = params
+        # None publishes every step dense in fp32; a compressor publishes its top-k, and what it
+        # holds back stays in its residual until it is published (nothing is dropped)
+        self.downlink = downlink
+        self.downlink_codec = downlink.codec if downlink is not None else get_value_codec("fp32")
         self.optimizer = optimizer
         self.strategy = strategy
         self.aggregator = aggregator
@@ -107,7 +115,7 @@ class Coordinator:
         self._reserved: Counter[str] = Counter()
         self._reserved_total = 0
         self._round = _OpenRound()
-        self._window: deque[tuple[int, dict[str, torch.Tensor]]] = deque()
+        self._window: deque[tuple[int, dict[str, SparseDelta]]] = deque()
         self._before = {name: p.detach().clone() for name, p in params.items()}
         self._listeners: list[Callable[[RoundResult], None]] = []
         self._stop = threading.Event()
@@ -238,7 +246,9 @@ class Coordinator:
         with self._state_lock:
             return self.version, {n: p.detach().clone() for n, p in self.params.items()}
 
-    def deltas_since(self, version: int, lineage: str) -> list[tuple[int, dict]] | None:
+    def deltas_since(
+        self, version: int, lineage: str
+    ) -> list[tuple[int, dict[str, SparseDelta]]] | None:
         """Published deltas after `version`, or None when the node must take a snapshot."""
         with self._state_lock:
             if lineage != self.lineage or version > self.version:
@@ -394,20 +404,24 @@ class Coordinator:
             except Exception:  # a failing listener must not stop training
                 log.exception("round listener failed at version %d", version)
 
-    def _publish(self) -> dict[str, torch.Tensor]:
-        """Make the weights exactly `before + delta` and return the deltas nodes will apply."""
-        deltas = {}
+    def _publish(self) -> dict[str, SparseDelta]:
+        """Publish the step the optimizer asked for, compressed by the downlink (with its own
+        error feedback), and make the weights exactly `before + published`: the same
+        `SparseDelta.add_to` every node performs, so their replicas stay bit-identical."""
+        asked = {name: p.detach() - self._before[name] for name, p in self.params.items()}
+        if self.downlink is None:  # dense fp32: the step itself, exactly
+            published = {name: SparseDelta(None, update) for name, update in asked.items()}
+        else:
+            published = self.downlink.compress(asked)
         for name, p in self.params.items():
             before = self._before[name]
-            delta = p.detach() - before
-            before.add_(delta)  # the same fp32 addition a node performs
+            published[name].add_to(before, self.downlink_codec)
             # those become the weights; the old buffer takes the next round's copy of them
             p.data, self._before[name] = before, p.data
-            deltas[name] = delta
-        return deltas
+        return published
 
     def _trim_window(self) -> None:
-        per_version = sum(d.numel() * d.element_size() for d in self._window[-1][1].values())
+        per_version = sum(d.nbytes for d in self._window[-1][1].values())
         keep = max(
             1, min(self.policy.delta_window, self.policy.delta_window_bytes // max(1, per_version))
         )

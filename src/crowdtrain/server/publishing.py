@@ -60,11 +60,15 @@ class Publisher:
         if chain is None:
             return None
         snapshot_bytes = self.coordinator.snapshot_nbytes
-        chain_bytes = sum(t.numel() * t.element_size() for _, d in chain for t in d.values())
+        chain_bytes = sum(delta.nbytes for _, deltas in chain for delta in deltas.values())
         if chain_bytes > snapshot_bytes:  # dense fp32 deltas: any chain longer than one version
             return None
         to_version = chain[-1][0] if chain else since
         key = ("deltas", lineage, since, to_version, content_encoding)
         return to_version, self._cached(
-            key, lambda: encoding.compress(encode_deltas(chain, lineage), content_encoding)
+            key,
+            lambda: encoding.compress(
+                encode_deltas(chain, lineage, self.coordinator.downlink_codec.name),
+                content_encoding,
+            ),
         )

@@ -12,6 +12,8 @@ from crowdtrain import __version__
 from crowdtrain.algorithms.aggregators import build_aggregator
 from crowdtrain.algorithms.optimizers import OptimizerConfig, build_optimizer
 from crowdtrain.algorithms.strategies import build_strategy
+from crowdtrain.compression.codecs import get_value_codec
+from crowdtrain.compression.topk import TopKCompressor
 from crowdtrain.data.batches import encode_documents
 from crowdtrain.data.corpus import default_corpus
 from crowdtrain.model.gpt import GPT, GPTConfig
@@ -44,6 +46,8 @@ TRAINING_KEYS = (
     "min_nodes",
     "round_deadline_s",
     "max_staleness",
+    "downlink_density",
+    "downlink_value_codec",
 )
 
 
@@ -121,6 +125,7 @@ class ServerRuntime:
             ),
             version=version,
             totals=totals,
+            downlink=self._downlink(built.checkpoint),
         )
         self.publisher = Publisher(self.coordinator)
         self.nodes = NodeRegistry()
@@ -170,6 +175,18 @@ class ServerRuntime:
         )
         return _Built(tokenizer, config, None)
 
+    def _downlink(self, checkpoint: Checkpoint | None) -> TopKCompressor | None:
+        """The compressor of published steps; None publishes them whole, in fp32."""
+        s = self.settings
+        if s.downlink_density >= 1.0 and s.downlink_value_codec == "fp32":
+            return None
+        downlink = TopKCompressor(
+            s.downlink_density, get_value_codec(s.downlink_value_codec), seed=s.seed
+        )
+        if checkpoint is not None:  # what was held back before the restart is still owed
+            downlink.residuals.update(checkpoint.downlink_residuals)
+        return downlink
+
     def _on_round(self, result: RoundResult) -> None:
         self.rounds.append(result.record)
         self.evaluator.notify(result.version)
@@ -187,7 +204,9 @@ class ServerRuntime:
             "tokenizer": self.tokenizer.to_json(),
             "totals": dict(c.totals),
         }
-        path = self.checkpoints.save(Checkpoint(version, params, c.optimizer.state_dict(), info))
+        residuals = {} if c.downlink is None else dict(c.downlink.residuals)
+        checkpoint = Checkpoint(version, params, c.optimizer.state_dict(), info, residuals)
+        path = self.checkpoints.save(checkpoint)
         log.info("checkpoint written: %s", path)
         return path
 
