@@ -7,6 +7,13 @@ import time
 from dataclasses import asdict, dataclass, field
 
 CONNECTED_WITHIN_S = 60.0
+# what moves, by kind: bytes on the wire (compressed) and raw (after decompression)
+INBOUND_KINDS = ("update",)
+OUTBOUND_KINDS = ("snapshot", "deltas")
+
+
+def _empty_traffic() -> dict[str, dict[str, int]]:
+    return {kind: {"wire": 0, "raw": 0} for kind in INBOUND_KINDS + OUTBOUND_KINDS}
 
 
 @dataclass
@@ -22,6 +29,7 @@ class NodeRecord:
     last_version: int | None = None
     bytes_in: int = 0
     bytes_out: int = 0
+    traffic: dict[str, dict[str, int]] = field(default_factory=_empty_traffic)
 
     def public(self) -> dict:
         out = asdict(self)
@@ -43,12 +51,29 @@ class NodeRegistry:
         record.last_seen = time.time()
         return record
 
-    def seen(self, node_id: str, bytes_out: int = 0) -> None:
+    def transferred(self, node_id: str, kind: str, wire: int, raw: int) -> None:
+        """Count bytes of one transfer to or from a node, as sent and as decompressed."""
         with self._lock:
-            self._get(node_id).bytes_out += bytes_out
+            self._transferred(self._get(node_id), kind, wire, raw)
+
+    def _transferred(self, record: NodeRecord, kind: str, wire: int, raw: int) -> None:
+        counts = record.traffic[kind]
+        counts["wire"] += wire
+        counts["raw"] += raw
+        if kind in INBOUND_KINDS:
+            record.bytes_in += wire
+        else:
+            record.bytes_out += wire
 
     def accepted(
-        self, node_id: str, samples: int, tokens: int, loss: float, version: int, wire_bytes: int
+        self,
+        node_id: str,
+        samples: int,
+        tokens: int,
+        loss: float,
+        version: int,
+        wire_bytes: int,
+        raw_bytes: int,
     ) -> None:
         with self._lock:
             record = self._get(node_id)
@@ -57,13 +82,23 @@ class NodeRegistry:
             record.tokens += tokens
             record.last_loss = loss
             record.last_version = version
-            record.bytes_in += wire_bytes
+            self._transferred(record, "update", wire_bytes, raw_bytes)
 
     def refused(self, node_id: str, wire_bytes: int) -> None:
         with self._lock:
             record = self._get(node_id)
             record.updates_refused += 1
-            record.bytes_in += wire_bytes
+            self._transferred(record, "update", wire_bytes, 0)  # never decompressed whole
+
+    def traffic(self) -> dict[str, dict[str, int]]:
+        """Bytes by kind over every node, as sent (wire) and decompressed (raw)."""
+        totals = _empty_traffic()
+        with self._lock:
+            for record in self._nodes.values():
+                for kind, counts in record.traffic.items():
+                    for key, value in counts.items():
+                        totals[kind][key] += value
+        return totals
 
     def list(self) -> list[dict]:
         with self._lock:

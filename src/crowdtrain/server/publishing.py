@@ -4,11 +4,21 @@ from __future__ import annotations
 
 import threading
 from collections import OrderedDict
-from collections.abc import Callable
+from dataclasses import dataclass
 
 from crowdtrain.protocol import encoding
 from crowdtrain.protocol.snapshot import encode_deltas, encode_snapshot
 from crowdtrain.server.coordinator import Coordinator
+
+
+@dataclass(frozen=True)
+class Encoded:
+    """A body ready to send: the version it leads to, its bytes, and its size before
+    compression (for traffic accounting)."""
+
+    version: int
+    body: bytes
+    raw_bytes: int
 
 
 class Publisher:
@@ -18,57 +28,53 @@ class Publisher:
     def __init__(self, coordinator: Coordinator, max_bytes: int = 512 << 20):
         self.coordinator = coordinator
         self.max_bytes = max_bytes
-        self._cache: OrderedDict[tuple, bytes] = OrderedDict()
+        self._cache: OrderedDict[tuple, Encoded] = OrderedDict()
         self._cached_bytes = 0
         self._lock = threading.Lock()
 
-    def _cached(self, key: tuple, build: Callable[[], bytes]) -> bytes:
+    def _lookup(self, key: tuple) -> Encoded | None:
         with self._lock:
-            if key in self._cache:
+            found = self._cache.get(key)
+            if found is not None:
                 self._cache.move_to_end(key)
-                return self._cache[key]
-        body = build()
+            return found
+
+    def _encode(self, key: tuple, version: int, raw: bytes, content_encoding: str) -> Encoded:
+        encoded = Encoded(version, encoding.compress(raw, content_encoding), len(raw))
         with self._lock:
-            if key not in self._cache and len(body) <= self.max_bytes:
-                self._cache[key] = body
-                self._cached_bytes += len(body)
+            if key not in self._cache and len(encoded.body) <= self.max_bytes:
+                self._cache[key] = encoded
+                self._cached_bytes += len(encoded.body)
             while self._cached_bytes > self.max_bytes:
                 _, evicted = self._cache.popitem(last=False)
-                self._cached_bytes -= len(evicted)
-        return body
+                self._cached_bytes -= len(evicted.body)
+        return encoded
 
-    def snapshot(self, dtype: str, content_encoding: str) -> tuple[int, bytes]:
-        """(version, body) of the current weights in `dtype`, compressed with the encoding."""
+    def snapshot(self, dtype: str, content_encoding: str) -> Encoded:
+        """The current weights in `dtype`, compressed with the encoding."""
         c = self.coordinator
-        with self._lock:
-            cached = self._cache.get(("snapshot", c.lineage, c.version, dtype, content_encoding))
-            if cached is not None:
-                return c.version, cached
+        found = self._lookup(("snapshot", c.lineage, c.version, dtype, content_encoding))
+        if found is not None:
+            return found
         version, params = c.snapshot()
         key = ("snapshot", c.lineage, version, dtype, content_encoding)
-        return version, self._cached(
-            key,
-            lambda: encoding.compress(
-                encode_snapshot(params, version, c.lineage, dtype), content_encoding
-            ),
-        )
+        raw = encode_snapshot(params, version, c.lineage, dtype)
+        return self._encode(key, version, raw, content_encoding)
 
-    def deltas(self, since: int, lineage: str, content_encoding: str) -> tuple[int, bytes] | None:
-        """(newest version, body) of the chain after `since`; None when a snapshot is needed
-        (other lineage, outside the window, or a chain that outweighs a snapshot)."""
-        chain = self.coordinator.deltas_since(since, lineage)
+    def deltas(self, since: int, lineage: str, content_encoding: str) -> Encoded | None:
+        """The chain after `since` (an empty one when nothing is newer); None when a snapshot is
+        needed (other lineage, outside the window, or a chain that outweighs a snapshot)."""
+        c = self.coordinator
+        chain = c.deltas_since(since, lineage)
         if chain is None:
             return None
-        snapshot_bytes = self.coordinator.snapshot_nbytes
         chain_bytes = sum(delta.nbytes for _, deltas in chain for delta in deltas.values())
-        if chain_bytes > snapshot_bytes:  # dense fp32 deltas: any chain longer than one version
+        if chain_bytes > c.snapshot_nbytes:  # dense fp32 deltas: any chain longer than one
             return None
         to_version = chain[-1][0] if chain else since
         key = ("deltas", lineage, since, to_version, content_encoding)
-        return to_version, self._cached(
-            key,
-            lambda: encoding.compress(
-                encode_deltas(chain, lineage, self.coordinator.downlink_codec.name),
-                content_encoding,
-            ),
-        )
+        found = self._lookup(key)
+        if found is not None:
+            return found
+        raw = encode_deltas(chain, lineage, c.downlink_codec.name)
+        return self._encode(key, to_version, raw, content_encoding)

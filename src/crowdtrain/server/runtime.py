@@ -250,6 +250,7 @@ class ServerRuntime:
             },
             "totals": dict(c.totals),
             "pending_updates": c.pending,
+            "traffic": self.nodes.traffic(),
             "nodes": self.nodes.list(),
             "connected_nodes": self.nodes.connected_count(),
             "resumed_from": self.resumed_from,

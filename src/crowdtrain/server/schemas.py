@@ -23,6 +23,7 @@ class InfoPublic(BaseModel):
     training: dict[str, Any]
     totals: dict[str, Any]
     pending_updates: int
+    traffic: dict[str, dict[str, int]]
     nodes: list[dict[str, Any]]
     connected_nodes: int
     resumed_from: int | None

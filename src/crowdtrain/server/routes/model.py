@@ -76,14 +76,13 @@ async def snapshot(
     if if_none_match == etag:
         return Response(status_code=304, headers=headers)
     content_encoding = _encoding_for(accept_encoding)
-    version, body = await anyio.to_thread.run_sync(
-        runtime.publisher.snapshot, dtype, content_encoding
-    )
-    runtime.nodes.seen(node_id, bytes_out=len(body))
+    encoded = await anyio.to_thread.run_sync(runtime.publisher.snapshot, dtype, content_encoding)
+    runtime.nodes.transferred(node_id, "snapshot", len(encoded.body), encoded.raw_bytes)
+    version = encoded.version
     headers.update(
         {"ETag": f'"{version}-{c.lineage}-{dtype}"', "X-Crowdtrain-Version": str(version)}
     )
-    return _binary(body, content_encoding, headers)
+    return _binary(encoded.body, content_encoding, headers)
 
 
 @router.get(
@@ -127,12 +126,11 @@ async def deltas(
             current_version=c.version,
             lineage=c.lineage,
         )
-    to_version, body = result
-    if to_version == since:
+    if result.version == since:
         return Response(status_code=204, headers=headers)
-    runtime.nodes.seen(node_id, bytes_out=len(body))
-    headers["X-Crowdtrain-Version"] = str(to_version)
-    return _binary(body, content_encoding, headers)
+    runtime.nodes.transferred(node_id, "deltas", len(result.body), result.raw_bytes)
+    headers["X-Crowdtrain-Version"] = str(result.version)
+    return _binary(result.body, content_encoding, headers)
 
 
 @router.get("/version", response_model=VersionPublic)

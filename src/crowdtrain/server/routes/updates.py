@@ -78,6 +78,12 @@ async def submit_update(
     if not receipt["duplicate"]:
         meta = update.meta
         runtime.nodes.accepted(
-            node_id, meta.samples, meta.tokens, meta.loss, meta.base_version, len(body)
+            node_id,
+            meta.samples,
+            meta.tokens,
+            meta.loss,
+            meta.base_version,
+            len(body),
+            update.raw_bytes,
         )
     return receipt
