@@ -74,6 +74,14 @@ def server(
     round_deadline: float | None = typer.Option(
         None, "--round-deadline", help="Seconds after a round's first update when it closes anyway."
     ),
+    algorithm: str | None = typer.Option(
+        None,
+        help="sync (default): nodes send gradients every step; diloco: nodes run "
+        "--inner-steps local steps and send the change, for slow links.",
+    ),
+    inner_steps: int | None = typer.Option(
+        None, help="diloco: local AdamW steps per update (default: 50)."
+    ),
     lr: float | None = typer.Option(None, help="Peak learning rate of the server optimizer."),
     optimizer: str | None = typer.Option(None, help="Server optimizer: adamw or nesterov."),
     max_staleness: int | None = typer.Option(
@@ -103,6 +111,8 @@ def server(
             model=model,
             min_nodes=min_nodes,
             round_deadline_s=round_deadline,
+            algorithm=algorithm,
+            inner_steps=inner_steps,
             lr=lr,
             optimizer=optimizer,
             max_staleness=max_staleness,

@@ -58,7 +58,15 @@ class ServerSettings(_Settings):
     vocab_size: int | None = Field(None, ge=260, le=1 << 20, description="tokenizer vocab size")
     block_size: int | None = Field(None, ge=8, le=1 << 16, description="context length")
     seed: int = Field(0, description="seed for the initial weights")
-    algorithm: Literal["sync"] = Field("sync", description="training algorithm")
+    algorithm: Literal["sync", "diloco"] = Field(
+        "sync",
+        description="sync: nodes send gradients; diloco: nodes send the change of "
+        "inner_steps local AdamW steps, the server steps Nesterov SGD on it",
+    )
+    inner_steps: int = Field(50, ge=1, le=100_000, description="diloco: local steps per update")
+    inner_lr: float = Field(1e-3, gt=0, le=10, description="diloco: nodes' inner AdamW lr")
+    outer_lr: float = Field(0.7, gt=0, le=10, description="diloco: server's Nesterov SGD lr")
+    outer_momentum: float = Field(0.9, ge=0, lt=1, description="diloco: its momentum")
     optimizer: str = Field("adamw", description="server optimizer: adamw, nesterov")
     lr: float = Field(1e-3, gt=0, le=10, description="peak learning rate of the server optimizer")
     weight_decay: float = Field(0.1, ge=0, le=1)

@@ -59,7 +59,35 @@ class SyncStrategy(Strategy):
             p.grad = None
 
 
-STRATEGIES = {"sync": SyncStrategy}
+class DiLoCoStrategy(Strategy):
+    """Low-communication training (DiLoCo, Douillard et al. 2023): each node runs
+    `inner_steps` local AdamW steps from the current version and sends the pseudo-gradient
+    (start weights - local weights); the server's outer optimizer, SGD with Nesterov momentum,
+    steps on their mean."""
+
+    name = "diloco"
+    update_kind = "pseudo_gradient"
+
+    def __init__(self, inner_steps: int = 50, inner_lr: float = 1e-3):
+        self.inner_steps = inner_steps
+        self.inner_lr = inner_lr
+
+    def node_instructions(self) -> dict:
+        return {
+            **super().node_instructions(),
+            "inner_steps": self.inner_steps,
+            "inner_lr": self.inner_lr,
+        }
+
+    def _step(self, params, optimizer, combined) -> None:
+        for name, p in params.items():
+            p.grad = combined[name]
+        optimizer.step()
+        for p in params.values():
+            p.grad = None
+
+
+STRATEGIES = {"sync": SyncStrategy, "diloco": DiLoCoStrategy}
 
 
 def build_strategy(name: str, **kwargs) -> Strategy:

@@ -34,7 +34,7 @@ from crowdtrain.model.tokenizer import Tokenizer
 from crowdtrain.node.client import CoordinatorClient, Refused, Stopped
 from crowdtrain.node.follower import Follower
 from crowdtrain.node.progress import NodeProgress
-from crowdtrain.node.trainer import LocalTrainer, StepResult, pick_device
+from crowdtrain.node.trainer import DiLoCoTrainer, LocalTrainer, StepResult, pick_device
 from crowdtrain.protocol.manifest import Manifest
 from crowdtrain.protocol.update import UPDATE_FORMAT, UpdateMeta, encode_update
 from crowdtrain.settings import NodeSettings
@@ -112,11 +112,30 @@ class Node:
             self.settings.seed if self.settings.seed is not None else zlib.crc32(self.name.encode())
         )
         sampler = BatchSampler(tokens, self.settings.batch_size, self.config.block_size, seed)
-        self.trainer = LocalTrainer(self.model, sampler, self.device, self.settings.accumulate)
+        self.training = info["training"]
+        self.trainer = self._trainer(sampler)
         self.compressor = TopKCompressor(
             self.settings.density, get_value_codec(self.settings.value_codec), seed=seed
         )
-        self.training = info["training"]
+
+    def _trainer(self, sampler: BatchSampler) -> LocalTrainer | DiLoCoTrainer:
+        """What this run asks nodes to compute (the server says, in /info)."""
+        algorithm = self.training.get("algorithm", "sync")
+        if algorithm == "diloco":
+            return DiLoCoTrainer(
+                self.model,
+                sampler,
+                self.device,
+                inner_steps=int(self.training["inner_steps"]),
+                inner_lr=float(self.training["inner_lr"]),
+                accumulate=self.settings.accumulate,
+            )
+        if algorithm != "sync":
+            raise RuntimeError(
+                f"the server runs algorithm {algorithm!r}, which this node does "
+                "not know; upgrade crowdtrain on this node"
+            )
+        return LocalTrainer(self.model, sampler, self.device, self.settings.accumulate)
 
     def _load_snapshot(self) -> None:
         version, lineage, params = self.client.snapshot(self.manifest)
@@ -198,7 +217,9 @@ class Node:
         return self.stats
 
     def _loop(self, progress: NodeProgress) -> None:
-        overlap = self.settings.overlap
+        # DiLoCo talks once per inner_steps local steps, so waiting for each new version costs
+        # little, while an outer step on a stale pseudo-gradient (momentum 0.9) diverges
+        overlap = self.settings.overlap and self.training.get("algorithm") != "diloco"
         in_flight: tuple[Future, int] | None = None
         self.follower = Follower(
             self.client, self.manifest, self.version, self.lineage, self._should_stop
@@ -208,7 +229,7 @@ class Node:
             while self._budget_left(in_flight=0 if in_flight is None else 1):
                 self.apply_published()
                 base_version = self.version
-                step = self.trainer.compute_gradient()
+                step = self.trainer.compute_update()
                 self.stats.last_loss = step.loss
                 if in_flight is not None:
                     self._settle(*in_flight)

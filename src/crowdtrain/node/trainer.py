@@ -1,8 +1,12 @@
-"""The local compute of a node: gradients of its model on its own batches."""
+"""The local compute of a node: what it sends each round, from its own batches.
+
+`sync`: the mean gradient at the current weights (LocalTrainer). `diloco`: the change that
+H local AdamW steps make, start minus end (DiLoCoTrainer)."""
 
 from __future__ import annotations
 
 import contextlib
+import copy
 import time
 from dataclasses import dataclass
 
@@ -54,7 +58,8 @@ class LocalTrainer:
             return torch.autocast("cuda", dtype=torch.bfloat16)
         return contextlib.nullcontext()
 
-    def compute_gradient(self) -> StepResult:
+    def compute_update(self) -> StepResult:
+        """The gradient of the current weights over `accumulate` micro-batches."""
         started = time.perf_counter()
         self.model.train()
         self.model.zero_grad(set_to_none=True)
@@ -71,4 +76,50 @@ class LocalTrainer:
         gradients = {name: p.grad for name, p in self.params.items() if p.grad is not None}
         return StepResult(
             gradients, total_loss / self.accumulate, samples, tokens, time.perf_counter() - started
+        )
+
+
+class DiLoCoTrainer:
+    """Runs `inner_steps` AdamW steps on a local copy that starts from the replica each round,
+    and returns the pseudo-gradient `replica - local`. The inner optimizer keeps its state from
+    round to round, as in DiLoCo; the replica itself is never stepped."""
+
+    def __init__(
+        self,
+        replica: GPT,
+        sampler: BatchSampler,
+        device: torch.device,
+        inner_steps: int,
+        inner_lr: float,
+        accumulate: int = 1,
+    ):
+        self.replica = dict(replica.named_parameters())
+        self.local = copy.deepcopy(replica)
+        self.local_params = dict(self.local.named_parameters())
+        self.inner = LocalTrainer(self.local, sampler, device, accumulate)
+        self.inner_steps = inner_steps
+        self.optimizer = torch.optim.AdamW(
+            self.local.parameters(), lr=inner_lr, betas=(0.9, 0.95), weight_decay=0.1
+        )
+
+    def compute_update(self) -> StepResult:
+        started = time.perf_counter()
+        with torch.no_grad():
+            for name, p in self.local_params.items():
+                p.copy_(self.replica[name])
+        losses, samples, tokens = [], 0, 0
+        for _ in range(self.inner_steps):
+            step = self.inner.compute_update()
+            torch.nn.utils.clip_grad_norm_(self.local.parameters(), 1.0)
+            self.optimizer.step()
+            losses.append(step.loss)
+            samples += step.samples
+            tokens += step.tokens
+        with torch.no_grad():
+            pseudo = {
+                name: self.replica[name].detach() - p.detach()
+                for name, p in self.local_params.items()
+            }
+        return StepResult(
+            pseudo, sum(losses) / len(losses), samples, tokens, time.perf_counter() - started
         )

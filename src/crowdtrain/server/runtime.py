@@ -11,7 +11,7 @@ import torch
 from crowdtrain import __version__
 from crowdtrain.algorithms.aggregators import build_aggregator
 from crowdtrain.algorithms.optimizers import OptimizerConfig, build_optimizer
-from crowdtrain.algorithms.strategies import build_strategy
+from crowdtrain.algorithms.strategies import Strategy, build_strategy
 from crowdtrain.compression.codecs import get_value_codec
 from crowdtrain.compression.topk import TopKCompressor
 from crowdtrain.data.batches import encode_documents
@@ -46,6 +46,10 @@ TRAINING_KEYS = (
     "min_nodes",
     "round_deadline_s",
     "max_staleness",
+    "inner_steps",
+    "inner_lr",
+    "outer_lr",
+    "outer_momentum",
     "downlink_density",
     "downlink_value_codec",
 )
@@ -76,16 +80,7 @@ class ServerRuntime:
         self.model = GPT(self.config)
         params = dict(self.model.named_parameters())
         self.manifest = Manifest.from_model(self.model)
-        optimizer = build_optimizer(
-            params.values(),
-            OptimizerConfig(
-                name=settings.optimizer,
-                lr=settings.lr,
-                weight_decay=settings.weight_decay,
-                beta1=settings.beta1,
-                beta2=settings.beta2,
-            ),
-        )
+        optimizer = build_optimizer(params.values(), self._optimizer_config())
         version, totals = 0, {}
         if built.checkpoint is not None:
             with torch.no_grad():
@@ -109,7 +104,7 @@ class ServerRuntime:
         self.coordinator = Coordinator(
             params,
             optimizer,
-            build_strategy(settings.algorithm, grad_clip=settings.grad_clip),
+            self._strategy(),
             build_aggregator(settings.aggregator, {n: tuple(p.shape) for n, p in params.items()}),
             RoundPolicy(
                 min_nodes=settings.min_nodes,
@@ -117,8 +112,9 @@ class ServerRuntime:
                 max_staleness=settings.max_staleness,
                 max_pending=settings.max_pending_updates,
                 max_pending_per_node=settings.max_pending_per_node,
-                base_lr=settings.lr,
-                warmup_versions=settings.warmup_versions,
+                base_lr=self._optimizer_config().lr,
+                # DiLoCo's outer learning rate is constant (as in the paper)
+                warmup_versions=0 if settings.algorithm == "diloco" else settings.warmup_versions,
                 decay_versions=settings.decay_versions,
                 delta_window=settings.delta_window,
                 delta_window_bytes=int(settings.delta_window_mb * (1 << 20)),
@@ -152,7 +148,7 @@ class ServerRuntime:
         settings = self.settings
         if checkpoint is not None:
             saved = checkpoint.info.get("settings", {})
-            for key in ("model", "optimizer"):
+            for key in ("model", "algorithm", "optimizer"):
                 if saved.get(key) != getattr(settings, key):
                     raise SettingsError(
                         f"the data directory {self.data_dir} holds a run with {key} "
@@ -174,6 +170,22 @@ class ServerRuntime:
             block_size=settings.block_size,
         )
         return _Built(tokenizer, config, None)
+
+    def _optimizer_config(self) -> OptimizerConfig:
+        s = self.settings
+        if s.algorithm == "diloco":  # the outer optimizer: SGD with Nesterov momentum
+            return OptimizerConfig(
+                name="nesterov", lr=s.outer_lr, momentum=s.outer_momentum, weight_decay=0.0
+            )
+        return OptimizerConfig(
+            name=s.optimizer, lr=s.lr, weight_decay=s.weight_decay, beta1=s.beta1, beta2=s.beta2
+        )
+
+    def _strategy(self) -> Strategy:
+        s = self.settings
+        if s.algorithm == "diloco":
+            return build_strategy("diloco", inner_steps=s.inner_steps, inner_lr=s.inner_lr)
+        return build_strategy(s.algorithm, grad_clip=s.grad_clip)
 
     def _downlink(self, checkpoint: Checkpoint | None) -> TopKCompressor | None:
         """The compressor of published steps; None publishes them whole, in fp32."""
