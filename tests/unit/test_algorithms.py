@@ -143,7 +143,7 @@ def test_non_positive_weight_raises(weight):
             lambda: build_optimizer([torch.nn.Parameter(torch.zeros(1))], OptimizerConfig("sgd")),
             r"unknown optimizer 'sgd'.*: adamw, nesterov",
         ),
-.*: diloco, sync"),
+        (lambda: build_strategy("diloco2"), r"unknown algorithm 'diloco2'.*: diloco, sync"),
     ],
 )
 def test_unknown_names_list_the_choices(build, pattern):
