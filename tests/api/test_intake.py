@@ -163,7 +163,8 @@ def nan_update(server) -> bytes:
 DECODE_ERRORS = [
     ("zstd-bomb", lambda s: bomb(), "zstd", 413, "too_large"),
     ("invalid-zstd", lambda s: b"\x28\xb5\x2f\xfd garbage", "zstd", 400, "bad_compression"),
-    ("brotli", lambda s: s.update_body(), "br", 415, "unsupported_encoding"),
+    ("gzip", lambda s: s.update_body(), "gzip", 415, "unsupported_encoding"),
+    ("zstd-labelled-brotli", lambda s: s.update_body(), "br", 400, "bad_compression"),
     ("not-a-container", lambda s: garbage_container(), "identity", 400, "bad_container"),
     ("nan-value", nan_update, "zstd", 422, "not_finite"),
     (

@@ -9,6 +9,7 @@ import zstandard
 from safetensors.torch import load as load_tensors
 
 from crowdtrain.model.tokenizer import Tokenizer
+from crowdtrain.protocol import encoding
 from crowdtrain.protocol.snapshot import decode_snapshot
 
 NODE = {"X-Crowdtrain-Node": "reader-1"}
@@ -116,6 +117,9 @@ def test_snapshot_unknown_dtype_is_422(server):
         ("gzip, deflate", False),
         ("identity", False),
         ("zstd;q=0", False),
+        ("br", "br"),
+        ("zstd;q=0, br", "br"),
+        ("br, zstd", True),
     ],
 )
 def test_snapshot_zstd_only_when_accepted(server, accept_encoding, compressed):
@@ -124,7 +128,12 @@ def test_snapshot_zstd_only_when_accepted(server, accept_encoding, compressed):
     )
     assert response.status_code == 200
     assert response.headers["vary"] == "Accept-Encoding"
-    if compressed:
+    if compressed == "br":
+        assert response.headers["content-encoding"] == "br"
+        compressed = body
+        body = encoding.decompress(compressed, "br", 1 << 26)
+        assert len(compressed) < len(body)
+    elif compressed:
         assert response.headers["content-encoding"] == "zstd"
         compressed = body
         body = zstandard.ZstdDecompressor().decompress(compressed, max_output_size=1 << 26)

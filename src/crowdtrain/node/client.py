@@ -66,7 +66,7 @@ class CoordinatorClient:
             timeout=httpx.Timeout(timeout_s, connect=10.0),
             headers={
                 NODE_ID_HEADER: node_id,
-                "Accept-Encoding": "zstd",
+                "Accept-Encoding": "zstd, br",
                 "User-Agent": f"crowdtrain-node/{__version__}",
             },
         )

@@ -1,14 +1,19 @@
-"""Container compression for bulk bodies (zstd or identity), with bounded decompression."""
+"""Container compression for bulk bodies (zstd, brotli or identity), negotiated with
+Accept-Encoding / Content-Encoding, with bounded decompression."""
 
 from __future__ import annotations
 
 import io
 
+import brotli
 import zstandard
 
 from crowdtrain.protocol.errors import WireError
 
-SUPPORTED_ENCODINGS = ("zstd", "identity")
+# in order of preference when a client accepts several: zstd is faster than brotli at the
+# same size on float data
+SUPPORTED_ENCODINGS = ("zstd", "br", "identity")
+BROTLI_QUALITY = 1
 _CHUNK = 1 << 20
 
 
@@ -17,6 +22,8 @@ def compress(data: bytes, encoding: str, level: int = 1) -> bytes:
     and cost 60% more time (3.5 MB of fp32 deltas: 4.5 ms vs 7.2 ms)."""
     if encoding == "zstd":
         return zstandard.ZstdCompressor(level=level).compress(data)
+    if encoding == "br":
+        return brotli.compress(data, quality=BROTLI_QUALITY)
     if encoding == "identity":
         return data
     raise ValueError(f"unsupported content encoding {encoding!r}")
@@ -29,6 +36,8 @@ def decompress(data: bytes, encoding: str | None, max_output: int) -> bytes:
         if len(data) > max_output:
             raise WireError(413, "too_large", f"body is {len(data)} bytes; the cap is {max_output}")
         return data
+    if encoding == "br":
+        return _brotli_bounded(data, max_output)
     if encoding != "zstd":
         raise WireError(
             415,
@@ -44,14 +53,45 @@ def decompress(data: bytes, encoding: str | None, max_output: int) -> bytes:
         while chunk := reader.read(_CHUNK):
             out.write(chunk)
             if out.tell() > max_output:
-                raise WireError(
-                    413,
-                    "too_large",
-                    f"body decompresses to more than {max_output} bytes (the cap)",
-                )
+                raise _too_large(max_output)
     except zstandard.ZstdError as exc:
         raise WireError(400, "bad_compression", f"body is not valid zstd: {exc}") from None
     return out.getvalue()
+
+
+def _too_large(max_output: int) -> WireError:
+    return WireError(
+        413, "too_large", f"body decompresses to more than {max_output} bytes (the cap)"
+    )
+
+
+def _brotli_bounded(data: bytes, max_output: int) -> bytes:
+    out = io.BytesIO()
+    decompressor = brotli.Decompressor()
+    try:
+        chunk = decompressor.process(data, output_buffer_limit=_CHUNK)
+        while True:
+            out.write(chunk)
+            if out.tell() > max_output:
+                raise _too_large(max_output)
+            if decompressor.is_finished():
+                break
+            chunk = decompressor.process(b"", output_buffer_limit=_CHUNK)
+            if not chunk and decompressor.can_accept_more_data():
+                break  # it wants more input than the body has: truncated
+    except brotli.error as exc:
+        raise WireError(400, "bad_compression", f"body is not valid brotli: {exc}") from None
+    if not decompressor.is_finished():
+        raise WireError(400, "bad_compression", "brotli body is truncated")
+    return out.getvalue()
+
+
+def choose(accept_encoding: str | None) -> str:
+    """The encoding to answer with: the first of SUPPORTED_ENCODINGS the client accepts."""
+    for candidate in SUPPORTED_ENCODINGS:
+        if candidate != "identity" and accepts(accept_encoding, candidate):
+            return candidate
+    return "identity"
 
 
 def accepts(accept_encoding: str | None, encoding: str) -> bool:

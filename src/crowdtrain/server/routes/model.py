@@ -19,7 +19,7 @@ BINARY = "application/octet-stream"
 
 
 def _encoding_for(accept_encoding: str | None) -> str:
-    return "zstd" if encoding.accepts(accept_encoding, "zstd") else "identity"
+    return encoding.choose(accept_encoding)
 
 
 def _binary(body: bytes, content_encoding: str, headers: dict[str, str]) -> Response:
