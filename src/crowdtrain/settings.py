@@ -12,7 +12,7 @@ from contextvars import ContextVar
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field, ValidationError, field_validator
+from pydantic import Field, ValidationError, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 if sys.version_info >= (3, 11):
@@ -109,37 +109,34 @@ class ServerSettings(_Settings):
     eval_batches: int = Field(8, ge=1)
     eval_batch_size: int = Field(16, ge=1)
 
-    @field_validator("model")
+    @field_validator("model", "optimizer", "aggregator", "downlink_value_codec")
     @classmethod
-    def _known_model(cls, value: str) -> str:
+    def _registered(cls, value: str, info: ValidationInfo) -> str:
+        return _one_of(value, info.field_name)
+
+
+def _registry(field_name: str) -> tuple[dict, str]:
+    """The registry a name setting is checked against (imported late: they import torch)."""
+    if field_name == "model":
         from crowdtrain.model.presets import PRESETS
 
-        return _one_of(value, PRESETS, "model preset")
-
-    @field_validator("optimizer")
-    @classmethod
-    def _known_optimizer(cls, value: str) -> str:
+        return PRESETS, "model preset"
+    if field_name == "optimizer":
         from crowdtrain.algorithms.optimizers import OPTIMIZERS
 
-        return _one_of(value, OPTIMIZERS, "optimizer")
-
-    @field_validator("downlink_value_codec")
-    @classmethod
-    def _known_downlink_codec(cls, value: str) -> str:
-        from crowdtrain.compression.codecs import VALUE_CODECS
-
-        return _one_of(value, VALUE_CODECS, "value codec")
-
-    @field_validator("aggregator")
-    @classmethod
-    def _known_aggregator(cls, value: str) -> str:
+        return OPTIMIZERS, "optimizer"
+    if field_name == "aggregator":
         from crowdtrain.algorithms.aggregators import AGGREGATORS
 
-        return _one_of(value, AGGREGATORS, "aggregator")
+        return AGGREGATORS, "aggregator"
+    from crowdtrain.compression.codecs import VALUE_CODECS
+
+    return VALUE_CODECS, "value codec"
 
 
-def _one_of(value: str, registry: dict, what: str) -> str:
+def _one_of(value: str, field_name: str) -> str:
     """Fail at start, naming the choices, rather than after minutes of set-up."""
+    registry, what = _registry(field_name)
     if value not in registry:
         raise ValueError(f"unknown {what} {value!r}; choose one of: {', '.join(registry)}")
     return value
@@ -176,9 +173,7 @@ class NodeSettings(_Settings):
     @field_validator("value_codec")
     @classmethod
     def _known_codec(cls, value: str) -> str:
-        from crowdtrain.compression.codecs import VALUE_CODECS
-
-        return _one_of(value, VALUE_CODECS, "value codec")
+        return _one_of(value, "value_codec")
 
 
 SECTIONS: dict[str, type[_Settings]] = {"server": ServerSettings, "node": NodeSettings}

@@ -45,6 +45,18 @@ class E2E:
             time.sleep(0.5)
         raise AssertionError(f"timed out waiting for {what}\n{self.logs()}")
 
+    def first_and_final_evaluation(self, final: int) -> tuple[dict, dict]:
+        """The Evaluator's records of version 0 and of `final` (waiting for the latter)."""
+        evals = self.wait_for(
+            lambda: (
+                [e for e in self.get("/history")["evals"] if e["version"] == final]
+                and self.get("/history")["evals"]
+            ),
+            30,
+            f"the evaluation of version {final}",
+        )
+        return evals[0], evals[-1]
+
     def logs(self) -> str:
         return "\n".join(
             f"--- {p.name}\n{p.read_text(errors='replace')[-3000:]}"

@@ -30,15 +30,7 @@ def test_diloco_nodes_train_with_one_update_per_inner_loop(e2e):
     assert sum(r["nodes"] == 2 for r in rounds) >= len(rounds) - 2
     assert max(r["mean_staleness"] for r in rounds) <= 1
 
-    evals = e2e.wait_for(
-        lambda: (
-            [e for e in e2e.get("/history")["evals"] if e["version"] == final]
-            and e2e.get("/history")["evals"]
-        ),
-        30,
-        "the final evaluation",
-    )
-    first, last = evals[0], evals[-1]
+    first, last = e2e.first_and_final_evaluation(final)
     print("diloco validation loss", first["valid_loss"], "->", last["valid_loss"], "at", final)
     assert first["version"] == 0 and last["version"] == final
-    assert last["valid_loss"] < first["valid_loss"] - 1.0, evals
+    assert last["valid_loss"] < first["valid_loss"] - 1.0, (first, last)

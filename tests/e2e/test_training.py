@@ -21,18 +21,10 @@ def test_two_nodes_train_and_validation_loss_falls(e2e):
     info = e2e.get("/info")
     final = info["version"]
     assert final >= 50, e2e.logs()
-    evals = e2e.wait_for(
-        lambda: (
-            [e for e in e2e.get("/history")["evals"] if e["version"] == final]
-            and e2e.get("/history")["evals"]
-        ),
-        30,
-        "the final evaluation",
-    )
-    first, last = evals[0], evals[-1]
+    first, last = e2e.first_and_final_evaluation(final)
     assert first["version"] == 0 and last["version"] == final
     print("validation loss", first["valid_loss"], "->", last["valid_loss"], "at", final)
-    assert last["valid_loss"] < first["valid_loss"] - 0.5, evals
+    assert last["valid_loss"] < first["valid_loss"] - 0.5, (first, last)
 
     nodes = {n["node_id"]: n for n in info["nodes"]}
     assert set(nodes) == {"demo-node-0", "demo-node-1"}
