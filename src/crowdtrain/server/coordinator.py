@@ -3,8 +3,9 @@
 Submissions are decoded and checked by the routes (in worker threads), then queued here. One
 apply thread takes them off the queue, streams each into the round's Aggregator, and closes the
 round on quorum (distinct nodes) or on its deadline. Closing a round runs the Strategy's
-optimizer step, then publishes the exact difference it made: the server's weights become
-`before + delta`, the same fp32 addition every node performs, so replicas stay bit-identical.
+optimizer step, then publishes that step (whole, or compressed by the downlink with its own
+error feedback) and makes the weights `before + published` with the same function every node
+uses (SparseDelta.add_to), so replicas stay bit-identical.
 """
 
 from __future__ import annotations
