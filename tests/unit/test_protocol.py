@@ -26,6 +26,7 @@ from crowdtrain.protocol.update import (
     UpdateMeta,
     decode_update,
     encode_update,
+    wire_tensors,
 )
 
 MANIFEST = Manifest([ParamSpec("w", (4, 5)), ParamSpec("b", (5,)), ParamSpec("emb.weight", (3, 2))])
@@ -114,7 +115,7 @@ def test_update_round_trip(codec, content_encoding):
 
 
 def test_update_meta_to_wire_round_trips():
-    fields = {**meta_fields(), "update_id": "0123abcd"}
+    fields = {**meta_fields(), "update_id": "0123abcd", "index_codec": "delta"}
     meta = UpdateMeta.model_validate(fields)
     assert meta.to_wire() == fields
 
@@ -577,3 +578,38 @@ def test_update_decodes_from_brotli_too():
     decoded = decode(body, content_encoding="br")
     assert set(decoded.deltas) == {"w", "b"}
     assert decoded.wire_bytes == len(body)
+
+
+# ---- delta-coded indices ------------------------------------------------------------------
+
+
+def test_delta_coded_indices_round_trip_and_are_smaller():
+    indices = torch.arange(0, 20, 3, dtype=torch.int32)  # 0, 3, ..., 18
+    deltas = {"w": SparseDelta(indices, torch.ones(indices.numel(), dtype=torch.float16))}
+    wire = wire_tensors(deltas, index_codec="delta")
+    assert wire["w.idx"].tolist() == [0, 3, 3, 3, 3, 3, 3]
+    body = container(wire, index_codec="delta")
+    decoded = decode(body)
+    assert torch.equal(decoded.deltas["w"].indices, indices)
+
+
+@pytest.mark.parametrize(
+    "gaps, code",
+    [
+        ([2, -1, 4], "unsorted_indices"),  # a negative gap goes backwards
+        ([2, 0, 4], "unsorted_indices"),  # a zero gap repeats a position
+        ([5, 10, 10], "index_out_of_range"),  # adds up past the parameter (20 entries)
+        ([-1, 3], "index_out_of_range"),  # starts before position 0
+        ([2**31 - 1, 2**31 - 1], "index_out_of_range"),  # past int32
+    ],
+)
+def test_bad_delta_coded_indices_are_refused(gaps, code):
+    tensors = {
+        "w.idx": torch.tensor(gaps, dtype=torch.int32),
+        "w.val": torch.ones(len(gaps), dtype=torch.float16),
+    }
+    assert_wire_error(container(tensors, index_codec="delta"), 422, code)
+
+
+def test_unknown_index_codec_is_bad_metadata():
+    assert_wire_error(container(good_tensors(), index_codec="varint"), 422, "bad_metadata")

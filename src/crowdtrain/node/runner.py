@@ -181,6 +181,7 @@ class Node:
             tokens=step.tokens,
             loss=step.loss,
             update_id=uuid.uuid4().hex,  # lets the server spot a resent upload
+            index_codec="delta",
         )
         try:
             self.client.submit(encode_update(deltas, meta))

@@ -59,13 +59,14 @@ def encode_deltas(
     `{v}/NAME.dense`, values in `value_codec`."""
     tensors: dict[str, torch.Tensor] = {}
     for version, deltas in chain:
-        tensors.update(wire_tensors(deltas, prefix=f"{version}/"))
+        tensors.update(wire_tensors(deltas, prefix=f"{version}/", index_codec="delta"))
     versions = [version for version, _ in chain]
     meta = {
         "format": DELTAS_FORMAT,
         "lineage": lineage,
         "versions": json.dumps(versions),
         "value_codec": value_codec,
+        "index_codec": "delta",
     }
     return safetensors_io.dump(tensors, meta)
 
@@ -80,12 +81,15 @@ def decode_deltas(
     try:
         versions = [_version_of(v) for v in json.loads(meta.get("versions", ""))]
         codec = get_value_codec(meta.get("value_codec", ""))
+        index_codec = meta.get("index_codec", "int32")
+        if index_codec not in ("int32", "delta"):
+            raise ValueError(index_codec)
     except (ValueError, TypeError):
         raise WireError(
             400,
             "bad_deltas",
-            "delta chain metadata needs 'versions' (a JSON list of version numbers) and a "
-            "known 'value_codec'",
+            "delta chain metadata needs 'versions' (a JSON list of version numbers), a known "
+            "'value_codec' and, if any, an 'index_codec' of int32 or delta",
         ) from None
     names_by_version: dict[int, list[str]] = {v: [] for v in versions}
     for tensor_name in header:
@@ -98,7 +102,12 @@ def decode_deltas(
     for version in versions:
         groups = group_tensor_names(names_by_version[version], manifest)
         chain.append(
-            (version, checked_deltas(groups, tensors, manifest, codec, prefix=f"{version}/"))
+            (
+                version,
+                checked_deltas(
+                    groups, tensors, manifest, codec, f"{version}/", index_codec=index_codec
+                ),
+            )
         )
     return chain, _lineage_of(meta, "bad_deltas"), codec
 
