@@ -40,6 +40,7 @@ from crowdtrain.data.batches import BatchSampler, encode_documents
 from crowdtrain.data.corpus import default_corpus
 from crowdtrain.model.gpt import GPT, GPTConfig
 from crowdtrain.model.tokenizer import Tokenizer
+from crowdtrain.node.client import model_config_from_info
 from crowdtrain.settings import NodeSettings
 
 TARGET_RATIO = 0.85
@@ -262,9 +263,7 @@ def run(args: argparse.Namespace) -> dict:
         log(f"starting a {args.model} server ...")
         server.wait_until_up()
         info = server.get("/info")
-        config = GPTConfig.from_dict(
-            {k: v for k, v in info["model"].items() if k in GPTConfig.__dataclass_fields__}
-        )
+        config = model_config_from_info(info)
         tokenizer = Tokenizer.from_json(server.text("/model/tokenizer"))
         tokens = encode_documents(tokenizer, default_corpus().train)
         log(f"server up at {server.url}; {info['model']['parameters']:,} parameters")

@@ -22,11 +22,10 @@ from rich.markup import escape
 from rich.table import Table
 
 from crowdtrain.model.generate import generate
-from crowdtrain.model.gpt import GPT, GPTConfig
+from crowdtrain.model.gpt import GPT
 from crowdtrain.model.tokenizer import Tokenizer
+from crowdtrain.node.client import CoordinatorClient
 from crowdtrain.node.progress import human_bytes
-from crowdtrain.protocol.manifest import Manifest
-from crowdtrain.protocol.snapshot import decode_snapshot
 
 STARTUP_TIMEOUT_S = 180.0
 
@@ -174,14 +173,14 @@ def status_table(info: dict, history: dict, remaining: float) -> Table:
 
 
 def sample_generation(url: str, prompt: str, max_new_tokens: int = 60) -> str:
-    info = httpx.get(f"{url}/api/v1/info", timeout=30).json()
-    config = GPTConfig.from_dict(
-        {k: v for k, v in info["model"].items() if k in GPTConfig.__dataclass_fields__}
-    )
-    tokenizer = Tokenizer.from_json(httpx.get(f"{url}/api/v1/model/tokenizer", timeout=30).text)
-    model = GPT(config)
-    raw = httpx.get(f"{url}/api/v1/model/snapshot", timeout=120).content
-    params, _ = decode_snapshot(raw, Manifest.from_model(model))
+    """Text from the server's current weights, generated here (off the server's path)."""
+    client = CoordinatorClient(url, "demo")
+    try:
+        model = GPT(client.model_config())
+        tokenizer = Tokenizer.from_json(client.tokenizer_json())
+        _, _, params = client.snapshot(client.manifest())
+    finally:
+        client.close()
     model.load_state_dict(params, strict=False)
     ids = generate(
         model,

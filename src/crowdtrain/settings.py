@@ -21,6 +21,9 @@ else:  # pragma: no cover
     import tomli as tomllib
 
 CONFIG_ENV = "CROWDTRAIN_CONFIG"
+# A node's name, as NodeSettings takes it and the server accepts it in X-Crowdtrain-Node
+NODE_NAME_CHARS = "A-Za-z0-9._-"
+NODE_NAME_MAX = 64
 _toml_values: ContextVar[dict[str, Any]] = ContextVar("toml_values")
 
 
@@ -150,8 +153,8 @@ class NodeSettings(_Settings):
     server: str = Field("http://127.0.0.1:8000", description="the coordinator's base URL")
     name: str | None = Field(
         None,
-        max_length=64,
-        pattern=r"^[A-Za-z0-9._-]+$",
+        max_length=NODE_NAME_MAX,
+        pattern=rf"^[{NODE_NAME_CHARS}]+$",
         description="node name shown by the server; default host-pid",
     )
     device: str = Field("auto", description="auto, cpu, cuda or cuda:N")

@@ -15,13 +15,14 @@ import torch
 from crowdtrain import __version__
 from crowdtrain.compression.codecs import ValueCodec, get_value_codec
 from crowdtrain.compression.sparse import SparseDelta
+from crowdtrain.model.gpt import GPTConfig
+from crowdtrain.protocol import NODE_ID_HEADER
 from crowdtrain.protocol.manifest import Manifest
 from crowdtrain.protocol.snapshot import decode_deltas, decode_snapshot
 
 log = logging.getLogger(__name__)
 
 API = "/api/v1"
-NODE_ID_HEADER = "X-Crowdtrain-Node"
 
 
 class Stopped(Exception):
@@ -109,6 +110,10 @@ class CoordinatorClient:
     def info(self) -> dict:
         return self.request("GET", "/info").json()
 
+    def model_config(self, info: dict | None = None) -> GPTConfig:
+        """The GPTConfig of the server's model, from /info (fetched unless given)."""
+        return model_config_from_info(info or self.info())
+
     def manifest(self) -> Manifest:
         return Manifest.from_json(self.request("GET", "/model/manifest").json()["tensors"])
 
@@ -159,6 +164,15 @@ class CoordinatorClient:
         return self.request(
             "GET", "/model/version", params={"after": after, "wait": wait}, timeout=wait + 60.0
         ).json()
+
+
+def model_config_from_info(info: dict) -> GPTConfig:
+    """The GPTConfig in the server's /info answer (which also carries the preset name and the
+    parameter count)."""
+    model = info["model"]
+    return GPTConfig.from_dict(
+        {k: v for k, v in model.items() if k in GPTConfig.__dataclass_fields__}
+    )
 
 
 @dataclass

@@ -29,7 +29,7 @@ from crowdtrain.compression.codecs import get_value_codec
 from crowdtrain.compression.topk import TopKCompressor
 from crowdtrain.data.batches import BatchSampler, encode_documents
 from crowdtrain.data.corpus import default_corpus, load_text_files
-from crowdtrain.model.gpt import GPT, GPTConfig
+from crowdtrain.model.gpt import GPT
 from crowdtrain.model.tokenizer import Tokenizer
 from crowdtrain.node.client import CoordinatorClient, Refused, Stopped
 from crowdtrain.node.follower import Follower
@@ -37,13 +37,13 @@ from crowdtrain.node.progress import NodeProgress
 from crowdtrain.node.trainer import DiLoCoTrainer, LocalTrainer, StepResult, pick_device
 from crowdtrain.protocol.manifest import Manifest
 from crowdtrain.protocol.update import UPDATE_FORMAT, UpdateMeta, encode_update
-from crowdtrain.settings import NodeSettings
+from crowdtrain.settings import NODE_NAME_CHARS, NodeSettings
 
 log = logging.getLogger(__name__)
 
 
 def default_node_name() -> str:
-    host = re.sub(r"[^A-Za-z0-9._-]", "-", socket.gethostname())  # what the server accepts
+    host = re.sub(rf"[^{NODE_NAME_CHARS}]", "-", socket.gethostname())  # what the server takes
     return f"{host[:40] or 'node'}-{os.getpid()}"
 
 
@@ -92,8 +92,7 @@ class Node:
 
     def _connect(self) -> None:
         info = self.client.info()
-        model_info = {k: v for k, v in info["model"].items() if k in GPTConfig.__dataclass_fields__}
-        self.config = GPTConfig.from_dict(model_info)
+        self.config = self.client.model_config(info)
         self.tokenizer = Tokenizer.from_json(self.client.tokenizer_json())
         self.model = GPT(self.config).to(self.device)
         self.params = dict(self.model.named_parameters())

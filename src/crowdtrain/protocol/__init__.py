@@ -3,4 +3,7 @@
 from crowdtrain.protocol.errors import WireError
 from crowdtrain.protocol.manifest import Manifest, ParamSpec
 
-__all__ = ["Manifest", "ParamSpec", "WireError"]
+# who sends a request, until node authentication (issue 5) takes it from a token
+NODE_ID_HEADER = "X-Crowdtrain-Node"
+
+__all__ = ["NODE_ID_HEADER", "Manifest", "ParamSpec", "WireError"]

@@ -7,11 +7,12 @@ from typing import Annotated
 
 from fastapi import Depends, Header, Request
 
+from crowdtrain.protocol import NODE_ID_HEADER
 from crowdtrain.protocol.errors import WireError
 from crowdtrain.server.runtime import ServerRuntime
+from crowdtrain.settings import NODE_NAME_CHARS, NODE_NAME_MAX
 
-NODE_ID_HEADER = "X-Crowdtrain-Node"
-NODE_ID_PATTERN = re.compile(r"[A-Za-z0-9._-]{1,64}")
+NODE_ID_PATTERN = re.compile(rf"[{NODE_NAME_CHARS}]{{1,{NODE_NAME_MAX}}}")
 
 
 def _runtime(request: Request) -> ServerRuntime:
