@@ -153,9 +153,25 @@ def node(
     accumulate: int | None = typer.Option(None, help="Micro-batches per update (default: 1)."),
     density: float | None = typer.Option(
         None,
-        help="Fraction of gradient entries sent each "
-        "update, 0-1 (default: 0.05); the rest is kept and "
-        "sent later (error feedback).",
+        help="A fixed fraction of gradient entries sent each update, 0-1. Default: chosen "
+        "each update from the measured link, so uploading takes under a fifth of the compute "
+        "time. What is not sent is kept and sent later (error feedback).",
+    ),
+    max_density: float | None = typer.Option(
+        None, help="The highest density the controller picks (default: 0.25)."
+    ),
+    min_density: float | None = typer.Option(
+        None, help="The lowest density the controller picks (default: 0.001)."
+    ),
+    value_codec: str | None = typer.Option(
+        None,
+        help="How values travel: fp32, fp16 (default), bf16, int8 or int4 (per-block scales), "
+        "sign (1 bit per value).",
+    ),
+    upload_limit: str | None = typer.Option(
+        None,
+        help="Cap this node's upload speed, in bytes per second, for example 500KB or 2MB "
+        "(default: no cap).",
     ),
     data: Path | None = typer.Option(
         None,
@@ -190,6 +206,10 @@ def node(
             batch_size=batch_size,
             accumulate=accumulate,
             density=density,
+            max_density=max_density,
+            min_density=min_density,
+            value_codec=value_codec,
+            upload_limit=upload_limit,
             data=data,
             max_updates=max_updates,
             duration_s=duration,

@@ -83,11 +83,18 @@ class Swarm:
         return self.server
 
     def start_node(
-        self, index: int, url: str, density: float, threads: int, extra: tuple[str, ...] = ()
+        self,
+        index: int,
+        url: str,
+        density: float | None,
+        threads: int,
+        extra: tuple[str, ...] = (),
+        env: dict[str, str] | None = None,
     ) -> subprocess.Popen:
-        args = ["node", "--server", url, "--name", f"demo-node-{index}"]
-        args += ["--density", str(density), "--threads", str(threads), *extra]
-        node = self._spawn(f"node-{index}", args)
+        """A node process; `density` None leaves it to the node's density controller."""
+        args = ["node", "--server", url, "--name", f"demo-node-{index}", "--threads", str(threads)]
+        args += ["--density", str(density)] if density is not None else []
+        node = self._spawn(f"node-{index}", [*args, *extra], env)
         self.nodes.append(node)
         return node
 

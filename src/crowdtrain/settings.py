@@ -12,7 +12,7 @@ from contextvars import ContextVar
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field, ValidationError, ValidationInfo, field_validator
+from pydantic import Field, ValidationError, ValidationInfo, field_validator, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 if sys.version_info >= (3, 11):
@@ -103,6 +103,13 @@ class ServerSettings(_Settings):
         "(top-k with the server's error feedback); 1: the whole step",
     )
     downlink_value_codec: str = Field("fp32", description="value codec of published deltas")
+    density_cap: float = Field(
+        1.0,
+        gt=0,
+        le=1,
+        description="the densest update a node may send (fraction of entries); the server "
+        "refuses denser ones and halves this advice while its queue is over half full",
+    )
     checkpoint_every: int = Field(50, ge=1, description="write a checkpoint every N versions")
     keep_checkpoints: int = Field(3, ge=1, description="how many checkpoints to keep")
     delta_window: int = Field(8, ge=1, description="published deltas kept for incremental pulls")
@@ -160,8 +167,30 @@ class NodeSettings(_Settings):
     device: str = Field("auto", description="auto, cpu, cuda or cuda:N")
     batch_size: int = Field(16, ge=1, le=4096, description="sequences per micro-batch")
     accumulate: int = Field(1, ge=1, le=1024, description="micro-batches per update")
-    density: float = Field(0.05, gt=0, le=1, description="fraction of entries sent per update")
-    value_codec: str = Field("fp16", description="value encoding: fp16, bf16, fp32")
+    density: float | None = Field(
+        None,
+        gt=0,
+        le=1,
+        description="fixed fraction of entries sent per update; unset: the density controller "
+        "picks it each update from the measured link (between min_density and max_density)",
+    )
+    min_density: float = Field(0.001, gt=0, le=1, description="the controller's lowest density")
+    max_density: float = Field(0.25, gt=0, le=1, description="the controller's highest density")
+    upload_fraction: float = Field(
+        0.2, gt=0, le=10, description="the controller keeps upload time under this x compute time"
+    )
+    density_warmup: int = Field(
+        20, ge=0, description="updates over which the controller's floor falls from max to min"
+    )
+    upload_limit: float | None = Field(
+        None,
+        gt=0,
+        description="cap on upload speed in bytes per second (accepts 500KB, 2MB, 1.5e6); "
+        "unset: no cap",
+    )
+    value_codec: str = Field(
+        "fp16", description="value encoding: fp32, fp16, bf16, int8, int4 or sign"
+    )
     data: Path | None = Field(
         None, description="train on these .txt/.md files instead of the embedded corpus"
     )
@@ -177,6 +206,38 @@ class NodeSettings(_Settings):
     @classmethod
     def _known_codec(cls, value: str) -> str:
         return _one_of(value, "value_codec")
+
+    @field_validator("upload_limit", mode="before")
+    @classmethod
+    def _byte_rate(cls, value: Any) -> Any:
+        return parse_bytes(value) if isinstance(value, str) else value
+
+    @model_validator(mode="after")
+    def _density_range(self) -> NodeSettings:
+        if self.min_density > self.max_density:
+            raise ValueError(
+                f"min_density ({self.min_density}) is above max_density ({self.max_density})"
+            )
+        return self
+
+
+_UNITS = {"": 1, "B": 1, "KB": 1e3, "MB": 1e6, "GB": 1e9, "KIB": 1024, "MIB": 1 << 20}
+
+
+def parse_bytes(text: str) -> float:
+    """'500KB' -> 500000.0, '2MiB' -> 2097152.0, '1.5e6' -> 1500000.0 (per second implied)."""
+    cleaned = text.strip().upper().removesuffix("/S").replace(" ", "")
+    number = cleaned.rstrip("KMGIB")
+    unit = cleaned[len(number) :]
+    try:
+        if unit not in _UNITS:
+            raise ValueError(unit)
+        return float(number) * _UNITS[unit]
+    except ValueError:
+        raise ValueError(
+            f"{text!r} is not a byte count; write a number with an optional unit "
+            "(B, KB, MB, GB, KiB, MiB), for example 500KB"
+        ) from None
 
 
 SECTIONS: dict[str, type[_Settings]] = {"server": ServerSettings, "node": NodeSettings}

@@ -28,9 +28,11 @@ class E2E:
         self.swarm.start_server(self.port, self.data_dir, "tiny", self.server_env)
         wait_until_up(self.url, self.swarm.server, timeout=120)
 
-    def start_nodes(self, count: int, *args: str) -> None:
+    def start_nodes(self, count: int, *args: str, density: float | None = 0.25, **env: str) -> None:
+        """Node processes; `env` sets CROWDTRAIN_NODE_* settings (density_warmup="0", ...)."""
+        node_env = {f"CROWDTRAIN_NODE_{k.upper()}": str(v) for k, v in env.items()}
         for _ in range(count):
-            self.swarm.start_node(len(self.swarm.nodes), self.url, 0.25, 1, args)
+            self.swarm.start_node(len(self.swarm.nodes), self.url, density, 1, args, node_env)
 
     def get(self, path: str, **params) -> dict:
         return httpx.get(f"{self.url}/api/v1{path}", params=params, timeout=60).json()

@@ -48,7 +48,7 @@ def test_replica_stays_bit_identical_after_many_rounds(e2e, downlink):
                 tokens=512,
                 loss=5.0,
             )
-            client.submit(encode_update(compressor.compress(gradients), meta))
+            client.submit(encode_update(compressor.compress(gradients), meta))[0]
             server_version = client.wait_for_version(server_version, 30)["version"]
             if server_version % pull_every == 0 or i == ROUNDS - 1:
                 chain = client.deltas(version, lineage, manifest)

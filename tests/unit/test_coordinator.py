@@ -109,7 +109,7 @@ def test_published_delta_is_exactly_what_was_applied(downlink):
             assert all(d.values.dtype == c.downlink_codec.wire_dtype for d in deltas.values())
             assert all(d.indices is not None for d in deltas.values())
         for name, delta in deltas.items():
-            delta.add_to(replica[name], c.downlink_codec)
+            delta.add_to(replica[name])
     for name, p in c.params.items():
         assert torch.equal(replica[name], p.detach())
         assert not torch.equal(replica[name], before[name])

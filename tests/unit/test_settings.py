@@ -190,3 +190,46 @@ def test_unknown_value_codec_fails_at_start(monkeypatch):
     monkeypatch.setenv("CROWDTRAIN_NODE_VALUE_CODEC", "int3")
     with pytest.raises(SettingsError, match="fp16"):
         load_settings(NodeSettings)
+
+
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("500KB", 500_000),
+        ("2MB", 2_000_000),
+        ("1.5e6", 1_500_000),
+        ("2MiB", 2 << 20),
+        ("64 kib/s", 65_536),
+        ("300", 300),
+        ("1GB", 1e9),
+    ],
+)
+def test_upload_limit_accepts_units(monkeypatch, text, expected):
+    monkeypatch.setenv("CROWDTRAIN_NODE_UPLOAD_LIMIT", text)
+    assert load_settings(NodeSettings).upload_limit == expected
+
+
+@pytest.mark.parametrize("text", ["fast", "5 parsecs", "-1MB", "MB"])
+def test_bad_upload_limit_fails_naming_the_field(text):
+    with pytest.raises(SettingsError, match="upload_limit"):
+        load_settings(NodeSettings, upload_limit=text)
+
+
+def test_min_density_above_max_density_fails():
+    with pytest.raises(SettingsError, match="min_density.*above max_density"):
+        load_settings(NodeSettings, min_density=0.5, max_density=0.1)
+
+
+def test_density_is_left_to_the_controller_by_default():
+    settings = load_settings(NodeSettings)
+    assert settings.density is None
+    assert 0 < settings.min_density < settings.max_density <= 1
+
+
+def test_no_server_variable_reads_like_a_node_variable():
+    """CROWDTRAIN_NODE_* belongs to the node: a server field named node_* would share its
+    environment variable with a node setting."""
+    node_prefix = NodeSettings.model_config["env_prefix"]
+    server_prefix = ServerSettings.model_config["env_prefix"]
+    for field in ServerSettings.model_fields:
+        assert not (server_prefix + field.upper()).startswith(node_prefix), field

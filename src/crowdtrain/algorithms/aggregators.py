@@ -68,11 +68,7 @@ class WeightedMean(Aggregator):
                 s.zero_()
             self._holds_result = False
         for name, delta in deltas.items():
-            target = self._sums[name]
-            if delta.indices is None:
-                target.add_(delta.values.float().reshape(target.shape), alpha=weight)
-            else:
-                target.view(-1).index_add_(0, delta.indices, delta.values.float(), alpha=weight)
+            delta.add_to(self._sums[name], alpha=weight)
 
     def _result(self) -> dict[str, torch.Tensor]:
         # In place: a fresh 500 MB result per round (gpt2-124m) costs more than the division.

@@ -19,7 +19,7 @@ def select_topk(magnitudes: torch.Tensor, k: int, generator: torch.Generator | N
     """Sorted int64 indices of (about) the k largest entries of a 1-D tensor of magnitudes.
 
     Exact for tensors up to EXACT_TOPK_MAX_NUMEL entries; above that the threshold is estimated
-    from a random sample, so the count is k within sampling noise.
+    from a random sample, so the count is at most k and k minus sampling noise.
     """
     numel = magnitudes.numel()
     if k <= 0 or numel == 0:
@@ -36,6 +36,9 @@ def select_topk(magnitudes: torch.Tensor, k: int, generator: torch.Generator | N
         indices = torch.nonzero(magnitudes > threshold).flatten()
         # Ties (for example a tensor of mostly zeros) can make the mask far too wide.
         if 0 < indices.numel() <= 2 * k:
+            if indices.numel() > k:  # never more than k: a server caps the entries it takes
+                keep = torch.topk(magnitudes[indices], k, sorted=False).indices
+                indices = indices[keep.sort().values]
             return indices
     indices = torch.topk(magnitudes, k, sorted=False).indices
     return indices.sort().values
@@ -64,24 +67,20 @@ class TopKCompressor:
             accumulated = accumulated.contiguous()  # a transposed input keeps its strides
             flat = accumulated.view(-1)
             if self.density >= 1.0:
-                wire = self.codec.compress(accumulated)
-                self.residuals[name] = accumulated - self.codec.extract(wire)
-                out[name] = SparseDelta(indices=None, values=wire)
+                sent = SparseDelta.encode(accumulated, self.codec)
+                sent.add_to(accumulated, alpha=-1.0)
+                self.residuals[name] = accumulated
+                out[name] = sent
                 continue
             k = max(1, math.ceil(self.density * flat.numel()))
-            indices = select_topk(flat.abs(), k, self._generator)
-            wire = self.codec.compress(flat[indices])
-            flat.index_add_(0, indices, self.codec.extract(wire), alpha=-1.0)
+            indices = select_topk(flat.abs(), k, self._generator).to(torch.int32)
+            sent = SparseDelta.encode(flat[indices], self.codec, indices)
+            sent.add_to(accumulated, alpha=-1.0)
             self.residuals[name] = accumulated
-            out[name] = SparseDelta(indices=indices.to(torch.int32), values=wire)
+            out[name] = sent
         return out
 
     def restore(self, sent: dict[str, SparseDelta]) -> None:
         """Put an update the server refused back into the residuals, so it is sent later."""
         for name, delta in sent.items():
-            residual = self.residuals[name]
-            values = self.codec.extract(delta.values)
-            if delta.indices is None:
-                residual.add_(values.reshape(residual.shape))
-            else:
-                residual.view(-1).index_add_(0, delta.indices.long(), values)
+            delta.add_to(self.residuals[name])

@@ -32,9 +32,10 @@ class Stopped(Exception):
 class Refused(RuntimeError):
     """The server answered 4xx: it read the request and said no."""
 
-    def __init__(self, status: int, body: dict):
+    def __init__(self, status: int, body: dict, elapsed_s: float = 0.0):
         self.status = status
         self.body = body
+        self.elapsed_s = elapsed_s  # how long the refused request took
         self.code = body.get("error", "")
         super().__init__(f"HTTP {status} {self.code}: {body.get('detail', body)}")
 
@@ -55,11 +56,14 @@ class CoordinatorClient:
         timeout_s: float = 120.0,
         max_backoff_s: float = 30.0,
         should_stop: Callable[[], bool] = lambda: False,
+        upload_limit: float | None = None,
     ):
         self.base_url = base_url.rstrip("/")
         self.node_id = node_id
         self.max_backoff_s = max_backoff_s
         self.should_stop = should_stop
+        # one bucket for every upload of this node: a cap on its link, not per request
+        self._bucket = TokenBucket(upload_limit) if upload_limit else None
         self.traffic = Traffic()
         self._lock = threading.Lock()
         self._http = httpx.Client(
@@ -82,7 +86,7 @@ class CoordinatorClient:
             if self.should_stop():
                 raise Stopped()
             try:
-                response = self._http.request(method, API + path, **kwargs)
+                response = self._http.request(method, API + path, **self._paced(kwargs))
             except httpx.TransportError as exc:
                 reason, retry_after = f"server unreachable ({type(exc).__name__})", None
             else:
@@ -90,7 +94,11 @@ class CoordinatorClient:
                     self.traffic.received += response.num_bytes_downloaded
                 if response.status_code < 500 and response.status_code != 429:
                     if response.status_code >= 400:
-                        raise Refused(response.status_code, _json_or_text(response))
+                        raise Refused(
+                            response.status_code,
+                            _json_or_text(response),
+                            response.elapsed.total_seconds(),
+                        )
                     return response
                 reason = f"server answered {response.status_code}"
                 retry_after = _retry_after(response)
@@ -99,6 +107,25 @@ class CoordinatorClient:
             log.warning("%s; retrying in %.1f s", reason, delay)
             attempt += 1
             self._sleep(delay)
+
+    def _paced(self, kwargs: dict) -> dict:
+        """Request arguments whose body goes through the upload limit (a fresh stream for each
+        attempt; Content-Length stays set, so the server still sees the size up front)."""
+        body = kwargs.get("content")
+        if self._bucket is None or not isinstance(body, bytes):
+            return kwargs
+        headers = {**kwargs.get("headers", {}), "Content-Length": str(len(body))}
+        return {**kwargs, "content": self._bucket.stream(body), "headers": headers}
+
+    def ping(self) -> float | None:
+        """Seconds for one small request (GET /health), or None when the server did not answer:
+        the round-trip time the density controller subtracts from upload times."""
+        started = time.monotonic()
+        try:
+            self._http.get(API + "/health", timeout=10.0)
+        except httpx.HTTPError:
+            return None
+        return time.monotonic() - started
 
     def _sleep(self, seconds: float) -> None:
         end = time.monotonic() + seconds
@@ -149,7 +176,8 @@ class CoordinatorClient:
             return None
         return DeltaChain(chain, codec)
 
-    def submit(self, body: bytes) -> dict:
+    def submit(self, body: bytes) -> tuple[dict, float]:
+        """POST an encoded update: (the server's receipt, seconds the accepted attempt took)."""
         response = self.request(
             "POST",
             "/updates",
@@ -158,12 +186,39 @@ class CoordinatorClient:
         )
         with self._lock:
             self.traffic.sent += len(body)
-        return response.json()
+        return response.json(), response.elapsed.total_seconds()
 
     def wait_for_version(self, after: int, wait: float) -> dict:
         return self.request(
             "GET", "/model/version", params={"after": after, "wait": wait}, timeout=wait + 60.0
         ).json()
+
+
+class TokenBucket:
+    """Paces bytes to `rate` per second (bursts of one chunk): a node's upload limit."""
+
+    CHUNK = 16 << 10
+
+    def __init__(self, rate: float):
+        self.rate = float(rate)
+        self._lock = threading.Lock()
+        self._free_at = time.monotonic()  # when the bucket is next empty of debt
+
+    def take(self, n: int) -> None:
+        """Block until `n` more bytes may go out."""
+        with self._lock:
+            now = time.monotonic()
+            start = max(self._free_at, now - self.CHUNK / self.rate)
+            self._free_at = start + n / self.rate
+            wait = self._free_at - now - self.CHUNK / self.rate
+        if wait > 0:
+            time.sleep(wait)
+
+    def stream(self, body: bytes):
+        for offset in range(0, len(body), self.CHUNK):
+            chunk = body[offset : offset + self.CHUNK]
+            self.take(len(chunk))
+            yield chunk
 
 
 def model_config_from_info(info: dict) -> GPTConfig:
@@ -195,7 +250,7 @@ class DeltaChain:
         with torch.no_grad():
             for _, deltas in self.versions:
                 for name, delta in deltas.items():
-                    delta.add_to(params[name], self.codec)
+                    delta.add_to(params[name])
         return self.last_version
 
 

@@ -1,4 +1,5 @@
-"""One live status line for a node: version, loss, tokens/s, bytes sent and received."""
+"""One live status line for a node: version, loss, tokens/s, bytes sent and received, and
+the density and link the density controller works with."""
 
 from __future__ import annotations
 
@@ -50,7 +51,7 @@ class NodeProgress:
         else:
             self.console.print(line, highlight=False)
 
-    def update(self, version: int, stats, traffic) -> None:
+    def update(self, version: int, stats, traffic, link=None) -> None:
         now = time.monotonic()
         then, tokens_then = self._tokens_at
         if now - then >= 2.0:
@@ -64,9 +65,20 @@ class NodeProgress:
             f"updates {stats.updates}  sent {human_bytes(traffic.sent)}  "
             f"received {human_bytes(traffic.received)}"
             + (f"  refused {stats.refused}" if stats.refused else "")
+            + (_link_text(link) if link is not None else "")
         )
         if self._live is not None:
             self._live.update(Text(line))
         elif now - self._last_plain >= PLAIN_EVERY_S:
             self._last_plain = now
             self.console.print(line, highlight=False)
+
+
+def _link_text(link) -> str:
+    """'  density 2.50%  up 1.2 MB/s  rtt 12 ms' (what is measured so far)."""
+    text = f"  density {link.density:.2%}"
+    if link.upload_bytes_per_s is not None:
+        text += f"  up {human_bytes(link.upload_bytes_per_s)}/s"
+    if link.rtt_s is not None:
+        text += f"  rtt {link.rtt_s * 1000:.0f} ms"
+    return text

@@ -32,6 +32,7 @@ from crowdtrain.data.corpus import default_corpus, load_text_files
 from crowdtrain.model.gpt import GPT
 from crowdtrain.model.tokenizer import Tokenizer
 from crowdtrain.node.client import CoordinatorClient, Refused, Stopped
+from crowdtrain.node.density import DensityController, DensityPolicy
 from crowdtrain.node.follower import Follower
 from crowdtrain.node.progress import NodeProgress
 from crowdtrain.node.trainer import DiLoCoTrainer, LocalTrainer, StepResult, pick_device
@@ -40,6 +41,8 @@ from crowdtrain.protocol.update import UPDATE_FORMAT, UpdateMeta, encode_update
 from crowdtrain.settings import NODE_NAME_CHARS, NodeSettings
 
 log = logging.getLogger(__name__)
+
+RTT_EVERY = 20  # re-measure the round-trip time every this many submissions
 
 
 def default_node_name() -> str:
@@ -79,6 +82,16 @@ class Node:
             settings.request_timeout_s,
             settings.max_backoff_s,
             should_stop=self._should_stop,
+            upload_limit=settings.upload_limit,
+        )
+        self.density = DensityController(
+            DensityPolicy(
+                min_density=settings.min_density,
+                max_density=settings.max_density,
+                upload_fraction=settings.upload_fraction,
+                warmup=settings.density_warmup,
+            ),
+            fixed=settings.density,
         )
         self.stats = NodeStats()
         self._finished = threading.Event()
@@ -113,9 +126,17 @@ class Node:
         sampler = BatchSampler(tokens, self.settings.batch_size, self.config.block_size, seed)
         self.training = info["training"]
         self.trainer = self._trainer(sampler)
+        self.density.set_server_cap(self.training.get("density_cap"))
+        self.density.deadline_s = float(self.training.get("round_deadline_s", 10))
+        self._measure_rtt(pings=3)
         self.compressor = TopKCompressor(
-            self.settings.density, get_value_codec(self.settings.value_codec), seed=seed
+            self.density.density, get_value_codec(self.settings.value_codec), seed=seed
         )
+
+    def _measure_rtt(self, pings: int = 1) -> None:
+        times = [t for t in (self.client.ping() for _ in range(pings)) if t is not None]
+        if times:
+            self.density.observe_rtt(min(times))
 
     def _trainer(self, sampler: BatchSampler) -> LocalTrainer | DiLoCoTrainer:
         """What this run asks nodes to compute (the server says, in /info)."""
@@ -169,7 +190,9 @@ class Node:
     def _compress_and_submit(self, step: StepResult, base_version: int, lineage: str) -> None:
         """Runs on the upload thread, which alone owns the compressor: the main thread is
         already computing the next step. A refused update goes back into the residual."""
+        self.compressor.density = self.density.next_density(self.manifest.numel)
         deltas = self.compressor.compress(step.gradients)
+        link = self.density.report()
         meta = UpdateMeta(
             format=UPDATE_FORMAT,
             value_codec=self.compressor.codec.name,
@@ -181,12 +204,22 @@ class Node:
             loss=step.loss,
             update_id=uuid.uuid4().hex,  # lets the server spot a resent upload
             index_codec="delta",
+            upload_bytes_per_s=link.upload_bytes_per_s,
+            rtt_s=link.rtt_s,
         )
+        body = encode_update(deltas, meta)
+        entries = sum(d.nnz for d in deltas.values())
         try:
-            self.client.submit(encode_update(deltas, meta))
-        except Refused:
+            receipt, seconds = self.client.submit(body)
+        except Refused as exc:
             self.compressor.restore(deltas)
+            if exc.status in (409, 422):  # read whole, then refused: the link was measured
+                self.density.observe_upload(len(body), entries, exc.elapsed_s)
             raise
+        self.density.observe_upload(len(body), entries, seconds)
+        self.density.set_server_cap(receipt.get("max_density"))
+        if self.density.updates % RTT_EVERY == 0:
+            self._measure_rtt()
 
     def _settle(self, future: Future, tokens: int) -> None:
         """Wait for an upload. A 409 means the weights moved on (the follower is already
@@ -229,7 +262,9 @@ class Node:
             while self._budget_left(in_flight=0 if in_flight is None else 1):
                 self.apply_published()
                 base_version = self.version
+                started = time.monotonic()
                 step = self.trainer.compute_update()
+                self.density.observe_compute(time.monotonic() - started)
                 self.stats.last_loss = step.loss
                 if in_flight is not None:
                     self._settle(*in_flight)
@@ -240,7 +275,10 @@ class Node:
                     in_flight = None
                     deadline = float(self.training.get("round_deadline_s", 10))
                     self.follower.wait_beyond(base_version, timeout=deadline + 1.0)
-                progress.update(self.version, self.stats, self.client.traffic)
+                self._show(progress)
             if in_flight is not None:
                 self._settle(*in_flight)
-        progress.update(self.version, self.stats, self.client.traffic)
+        self._show(progress)
+
+    def _show(self, progress: NodeProgress) -> None:
+        progress.update(self.version, self.stats, self.client.traffic, self.density.report())

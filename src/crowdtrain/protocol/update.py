@@ -1,8 +1,9 @@
 """The update wire format: encode a node's sparse update, decode and check one strictly.
 
 Layout (docs/wire-format.md): a safetensors container, compressed as a whole (zstd by
-default). Per parameter either `NAME.idx` (sorted int32) + `NAME.val`, or `NAME.dense`. The
-metadata carries the format version, value codec and the submission facts.
+default). Per parameter either `NAME.idx` (sorted int32) + `NAME.val`, or `NAME.dense`, and
+`NAME.scale` for block codecs (int8, int4, sign). The metadata carries the format version,
+value codec and the submission facts.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from crowdtrain.protocol.manifest import Manifest
 
 UPDATE_FORMAT = "crowdtrain.update/1"
 UPDATE_KINDS = ("gradient", "pseudo_gradient")
-SUFFIXES = ("idx", "val", "dense")
+SUFFIXES = ("idx", "val", "dense", "scale")
 
 
 class UpdateMeta(BaseModel):
@@ -44,6 +45,9 @@ class UpdateMeta(BaseModel):
     # position then the gaps to the next (small numbers: zstd packs them ~2x tighter, 27-40%
     # fewer bytes for a whole update)
     index_codec: Literal["int32", "delta"] = "int32"
+    # the node's own link measurements (docs/compression.md), shown in the node list
+    upload_bytes_per_s: float | None = Field(None, ge=0, le=1e12)
+    rtt_s: float | None = Field(None, ge=0, le=3600)
 
     @field_validator("format")
     @classmethod
@@ -73,7 +77,7 @@ class UpdateMeta(BaseModel):
         return value
 
     def to_wire(self) -> dict[str, str]:
-        return {k: str(v) for k, v in self.model_dump().items()}
+        return {k: str(v) for k, v in self.model_dump(exclude_none=True).items()}
 
 
 @dataclass
@@ -139,45 +143,44 @@ def checked_deltas(
     index_codec: str = "int32",
 ) -> dict[str, SparseDelta]:
     """Per parameter, the delta its tensors (named `prefix + NAME.suffix`) carry, checked:
-    layout, dtypes, shapes, index range and order, finiteness. Raises WireError."""
+    layout, dtypes, shapes, index range and order, finiteness, scales. Raises WireError."""
     deltas: dict[str, SparseDelta] = {}
+    scale = {"scale"} if codec.has_scales else set()
     for name, suffixes in groups.items():
         spec = manifest.by_name[name]
-        if suffixes == {"dense"}:
+        if suffixes == {"dense"} | scale:
             values = tensors[f"{prefix}{name}.dense"]
-            _expect(
-                values.dtype == codec.wire_dtype,
-                "bad_dtype",
-                f"{name}.dense has dtype {values.dtype}; codec {codec.name} sends "
-                f"{codec.wire_dtype}",
-            )
-            _expect(
-                tuple(values.shape) == spec.shape,
-                "bad_shape",
-                f"{name}.dense has shape {list(values.shape)}; the model has {list(spec.shape)}",
-            )
-            _check_finite(name, values)
-            deltas[name] = SparseDelta(indices=None, values=values)
-        elif suffixes == {"idx", "val"}:
+            shape = codec.wire_shape(spec.numel, spec.shape)
+            _check_values(f"{name}.dense", values, codec, shape)
+            indices, count = None, spec.numel
+        elif suffixes == {"idx", "val"} | scale:
             indices, values = tensors[f"{prefix}{name}.idx"], tensors[f"{prefix}{name}.val"]
             if index_codec == "delta":
                 indices = _absolute_indices(indices, name)
-            _check_sparse(name, indices, values, spec.numel, codec.wire_dtype)
-            deltas[name] = SparseDelta(indices=indices, values=values)
+            _check_indices(name, indices, spec.numel)
+            count = indices.numel()
+            _check_values(f"{name}.val", values, codec, codec.wire_shape(count))
         else:
+            expected = " + ".join(f".{s}" for s in sorted(scale))
             raise WireError(
                 400,
                 "bad_layout",
-                f"parameter {name!r} must carry either .idx and .val or .dense; got "
-                f"{sorted('.' + s for s in suffixes)}",
+                f"parameter {name!r} must carry either .idx and .val or .dense"
+                + (f", each with {expected} (codec {codec.name})" if scale else "")
+                + f"; got {sorted('.' + s for s in suffixes)}",
             )
+        scales = tensors[f"{prefix}{name}.scale"] if scale else None
+        if scales is not None:
+            _check_scales(name, scales, codec.scales_shape(count), codec.max_scale)
+        deltas[name] = SparseDelta(indices, values, scales, codec, count)
     return deltas
 
 
 def wire_tensors(
     deltas: dict[str, SparseDelta], prefix: str = "", index_codec: str = "int32"
 ) -> dict[str, torch.Tensor]:
-    """The wire tensors of a set of deltas: NAME.idx + NAME.val, or NAME.dense."""
+    """The wire tensors of a set of deltas: NAME.idx + NAME.val, or NAME.dense, and NAME.scale
+    for block codecs."""
     tensors: dict[str, torch.Tensor] = {}
     for name, delta in deltas.items():
         if delta.indices is None:
@@ -188,6 +191,8 @@ def wire_tensors(
                 indices = torch.cat([indices[:1], indices[1:] - indices[:-1]])
             tensors[f"{prefix}{name}.idx"] = indices
             tensors[f"{prefix}{name}.val"] = delta.values
+        if delta.scales is not None:
+            tensors[f"{prefix}{name}.scale"] = delta.scales
     return tensors
 
 
@@ -232,35 +237,19 @@ def group_tensor_names(names, manifest: Manifest) -> dict[str, set[str]]:
                 422,
                 "unknown_tensor",
                 f"tensor {tensor_name!r} does not name a model parameter as NAME.idx, NAME.val "
-                "or NAME.dense (see GET /api/v1/model/manifest)",
+                "or NAME.dense, with NAME.scale for block codecs (see GET /api/v1/model/manifest)",
             )
         groups.setdefault(name, set()).add(suffix)
     return groups
 
 
-def _check_sparse(
-    name: str, indices: torch.Tensor, values: torch.Tensor, numel: int, wire_dtype: torch.dtype
-) -> None:
+def _check_indices(name: str, indices: torch.Tensor, numel: int) -> None:
     _expect(
         indices.dtype == torch.int32,
         "bad_dtype",
         f"{name}.idx has dtype {indices.dtype}; indices must be int32",
     )
-    _expect(
-        values.dtype == wire_dtype,
-        "bad_dtype",
-        f"{name}.val has dtype {values.dtype}; the codec sends {wire_dtype}",
-    )
-    _expect(
-        indices.dim() == 1 and values.dim() == 1,
-        "bad_shape",
-        f"{name}.idx and {name}.val must be 1-D",
-    )
-    _expect(
-        indices.numel() == values.numel(),
-        "bad_shape",
-        f"{name}.idx has {indices.numel()} entries but {name}.val has {values.numel()}",
-    )
+    _expect(indices.dim() == 1, "bad_shape", f"{name}.idx must be 1-D")
     _expect(
         indices.numel() <= numel,
         "bad_shape",
@@ -279,7 +268,51 @@ def _check_sparse(
             "unsorted_indices",
             f"{name}.idx must be strictly increasing (sorted, no duplicates)",
         )
-    _check_finite(name, values)
+
+
+def _check_values(
+    label: str, values: torch.Tensor, codec: ValueCodec, shape: tuple[int, ...]
+) -> None:
+    _expect(
+        values.dtype == codec.wire_dtype,
+        "bad_dtype",
+        f"{label} has dtype {values.dtype}; codec {codec.name} sends {codec.wire_dtype}",
+    )
+    _expect(
+        tuple(values.shape) == tuple(shape),
+        "bad_shape",
+        f"{label} has shape {list(values.shape)}; codec {codec.name} sends {list(shape)} here "
+        "(for .val: one entry per index)",
+    )
+    if values.dtype.is_floating_point:
+        _check_finite(label, values)
+
+
+def _check_scales(
+    name: str, scales: torch.Tensor, shape: tuple[int, ...] | None, max_scale: float
+) -> None:
+    label = f"{name}.scale"
+    _expect(
+        scales.dtype == torch.float32,
+        "bad_dtype",
+        f"{label} has dtype {scales.dtype}; scales must be float32",
+    )
+    _expect(
+        tuple(scales.shape) == tuple(shape or ()),
+        "bad_shape",
+        f"{label} has shape {list(scales.shape)}; expected {list(shape or ())} (one per block)",
+    )
+    _check_finite(label, scales)
+    _expect(
+        bool((scales.numpy() > 0).all()),
+        "bad_scale",
+        f"{label} must be positive; a zero or negative scale is never sent by an honest node",
+    )
+    _expect(
+        bool((scales.numpy() <= max_scale).all()),
+        "bad_scale",
+        f"{label} must be at most {max_scale:.4g}: a larger scale decodes to infinity",
+    )
 
 
 def _check_finite(name: str, values: torch.Tensor) -> None:

@@ -11,6 +11,7 @@ uses (SparseDelta.add_to), so replicas stay bit-identical.
 from __future__ import annotations
 
 import logging
+import math
 import queue
 import secrets
 import threading
@@ -49,6 +50,7 @@ class RoundPolicy:
     decay_versions: int | None = None
     delta_window: int = 8
     delta_window_bytes: int = 512 << 20
+    max_density: float = 1.0  # the densest update a node may send
 
 
 @dataclass
@@ -95,6 +97,7 @@ class Coordinator:
         downlink: TopKCompressor | None = None,
     ):
         self.params = params
+        self._max_entries = self.max_entries(policy.max_density)
         # None publishes every step dense in fp32; a compressor publishes its top-k, and what it
         # holds back stays in its residual until it is published (nothing is dropped)
         self.downlink = downlink
@@ -233,6 +236,7 @@ class Coordinator:
                 current_version=current,
                 lineage=self.lineage,
             )
+        self._check_budget(update)
         self._queue.put_nowait(Submission(node_id, update))
         return {
             "accepted": True,
@@ -240,7 +244,29 @@ class Coordinator:
             "current_version": current,
             "lineage": self.lineage,
             "queued": self._queue.qsize(),
+            "max_density": self.density_advice(),
         }
+
+    def max_entries(self, density: float) -> int:
+        """The most entries an update of `density` carries: top-k keeps ceil(density x n),
+        at least 1, of each parameter."""
+        return sum(max(1, math.ceil(density * p.numel())) for p in self.params.values())
+
+    def _check_budget(self, update: DecodedUpdate) -> None:
+        cap = self.policy.max_density
+        if cap < 1.0 and update.nnz > self._max_entries:
+            raise WireError(
+                422,
+                "over_budget",
+                f"the update carries {update.nnz} entries; this server takes at most "
+                f"{self._max_entries} (density {cap}); send a sparser update",
+            )
+
+    def density_advice(self) -> float:
+        """The density cap nodes are told: the policy's, halved while the queue is over half
+        full, so a server that falls behind gets smaller updates (and aggregates them faster)."""
+        busy = self._queue.qsize() * 2 > self.queue_capacity
+        return self.policy.max_density / 2 if busy else self.policy.max_density
 
     def snapshot(self) -> tuple[int, dict[str, torch.Tensor]]:
         """(version, copy of the weights), consistent: never between two halves of a step."""
@@ -416,7 +442,7 @@ class Coordinator:
             published = self.downlink.compress(asked)
         for name, p in self.params.items():
             before = self._before[name]
-            published[name].add_to(before, self.downlink_codec)
+            published[name].add_to(before)
             # those become the weights; the old buffer takes the next round's copy of them
             p.data, self._before[name] = before, p.data
         return published

@@ -5,6 +5,10 @@ from __future__ import annotations
 import threading
 import time
 from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from crowdtrain.protocol.update import DecodedUpdate
 
 CONNECTED_WITHIN_S = 60.0
 # what moves, by kind: bytes on the wire (compressed) and raw (after decompression)
@@ -27,6 +31,9 @@ class NodeRecord:
     tokens: int = 0
     last_loss: float | None = None
     last_version: int | None = None
+    density: float | None = None  # of its last accepted update (entries / model size)
+    upload_bytes_per_s: float | None = None  # its link, as the node measured it
+    rtt_s: float | None = None
     bytes_in: int = 0
     bytes_out: int = 0
     traffic: dict[str, dict[str, int]] = field(default_factory=_empty_traffic)
@@ -65,24 +72,19 @@ class NodeRegistry:
         else:
             record.bytes_out += wire
 
-    def accepted(
-        self,
-        node_id: str,
-        samples: int,
-        tokens: int,
-        loss: float,
-        version: int,
-        wire_bytes: int,
-        raw_bytes: int,
-    ) -> None:
+    def accepted(self, node_id: str, update: DecodedUpdate, numel: int) -> None:
+        meta = update.meta
         with self._lock:
             record = self._get(node_id)
             record.updates_accepted += 1
-            record.samples += samples
-            record.tokens += tokens
-            record.last_loss = loss
-            record.last_version = version
-            self._transferred(record, "update", wire_bytes, raw_bytes)
+            record.samples += meta.samples
+            record.tokens += meta.tokens
+            record.last_loss = meta.loss
+            record.last_version = meta.base_version
+            record.density = update.nnz / numel
+            record.upload_bytes_per_s = meta.upload_bytes_per_s
+            record.rtt_s = meta.rtt_s
+            self._transferred(record, "update", update.wire_bytes, update.raw_bytes)
 
     def refused(self, node_id: str, wire_bytes: int) -> None:
         with self._lock:

@@ -52,6 +52,7 @@ TRAINING_KEYS = (
     "outer_momentum",
     "downlink_density",
     "downlink_value_codec",
+    "density_cap",
 )
 
 
@@ -118,6 +119,7 @@ class ServerRuntime:
                 decay_versions=settings.decay_versions,
                 delta_window=settings.delta_window,
                 delta_window_bytes=int(settings.delta_window_mb * (1 << 20)),
+                max_density=settings.density_cap,
             ),
             version=version,
             totals=totals,

@@ -52,6 +52,7 @@ class SubmitPublic(BaseModel):
     current_version: int
     lineage: str
     queued: int
+    max_density: float = 1.0  # the densest update this node should send next
 
 
 class ErrorPublic(BaseModel):

@@ -76,14 +76,5 @@ async def submit_update(
         runtime.nodes.refused(node_id, len(body))
         raise
     if not receipt["duplicate"]:
-        meta = update.meta
-        runtime.nodes.accepted(
-            node_id,
-            meta.samples,
-            meta.tokens,
-            meta.loss,
-            meta.base_version,
-            len(body),
-            update.raw_bytes,
-        )
+        runtime.nodes.accepted(node_id, update, runtime.manifest.numel)
     return receipt
