@@ -221,7 +221,16 @@ class NodeSettings(_Settings):
         return self
 
 
-_UNITS = {"": 1, "B": 1, "KB": 1e3, "MB": 1e6, "GB": 1e9, "KIB": 1024, "MIB": 1 << 20}
+_UNITS = {
+    "": 1,
+    "B": 1,
+    "KB": 1e3,
+    "MB": 1e6,
+    "GB": 1e9,
+    "KIB": 1 << 10,
+    "MIB": 1 << 20,
+    "GIB": 1 << 30,
+}
 
 
 def parse_bytes(text: str) -> float:
@@ -236,7 +245,7 @@ def parse_bytes(text: str) -> float:
     except ValueError:
         raise ValueError(
             f"{text!r} is not a byte count; write a number with an optional unit "
-            "(B, KB, MB, GB, KiB, MiB), for example 500KB"
+            "(B, KB, MB, GB, KiB, MiB, GiB), for example 500KB"
         ) from None
 
 
@@ -316,6 +325,9 @@ def _describe(
         if err["type"] == "extra_forbidden":
             where = f" (in {config_file})" if config_file else ""
             lines.append(f"unknown setting {field!r}{where}; known: {', '.join(cls.model_fields)}")
+            continue
+        if not field:  # a rule across settings (a model validator)
+            lines.append(err["msg"].removeprefix("Value error, "))
             continue
         env = f"{prefix}{field.upper()}"
         if field in flags:

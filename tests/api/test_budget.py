@@ -65,6 +65,7 @@ def test_a_denser_update_is_refused_and_changes_nothing(server):
     body = response.json()
     assert body["error"] == "over_budget"
     assert str(MAX_DENSITY) in body["detail"] and "sparser" in body["detail"]
+    assert body["max_density"] == MAX_DENSITY  # what the node obeys from its next update on
     assert server.version()[0] == version
     assert server.info()["totals"] == before
     assert server.node("greedy")["updates_refused"] == 1

@@ -9,7 +9,12 @@ import time
 import pytest
 
 from crowdtrain.node.client import TokenBucket
-from crowdtrain.node.density import MAX_CHANGE, DensityController, DensityPolicy
+from crowdtrain.node.density import (
+    DEADLINE_SHARE,
+    MAX_CHANGE,
+    DensityController,
+    DensityPolicy,
+)
 
 NUMEL = 1_000_000
 NO_WARMUP = DensityPolicy(min_density=0.001, max_density=0.25, upload_fraction=0.2, warmup=0)
@@ -94,11 +99,19 @@ def test_the_server_cap_wins_over_the_link():
 
 
 def test_the_round_deadline_caps_upload_time():
-    # a long step (10 s) would allow 2 s of upload, but the round closes 1 s after it ends
+    # a long step (10 s) would allow 2 s of upload, but the round closes 2 s after its first
+    # update: an upload may take half of that
     c = controller(DensityPolicy(0.0001, 0.25, upload_fraction=0.2, warmup=0))
-    c.deadline_s = 11.0
+    c.deadline_s = 2.0
     picked = feed(c, rate=1e5, compute_s=10.0, rounds=40)
-    assert picked[-1] == pytest.approx(1.0 * 1e5 / 3 / NUMEL, rel=0.05)
+    assert picked[-1] == pytest.approx(DEADLINE_SHARE * 2.0 * 1e5 / 3 / NUMEL, rel=0.05)
+
+
+def test_compute_longer_than_the_deadline_does_not_starve_the_upload():
+    # DiLoCo: 30 s of inner steps per update, a 10 s deadline, a fast link: stay at the top
+    c = controller()
+    c.deadline_s = 10.0
+    assert feed(c, rate=1e8, compute_s=30.0, rounds=20)[-1] == 0.25
 
 
 def test_warmup_floor_falls_from_max_to_min():

@@ -3,7 +3,7 @@
 Each update, the node sends the top `density` fraction of entries. The controller picks the
 density so that uploading takes at most `upload_fraction` of the time a step takes to compute
 (so the link never becomes what the node waits on), within [min_density, max_density], under
-the server's cap, and so that compute plus upload fits in the server's round deadline.
+the server's cap, and so that an upload takes at most half the server's round deadline.
 
 The link is modelled as `upload seconds = rtt + bytes / throughput`: the round-trip time comes
 from small requests, the throughput from each submission (its bytes over its time minus the
@@ -23,6 +23,7 @@ from dataclasses import dataclass
 
 SMOOTHING = 0.3  # weight of the newest measurement in the running averages
 MAX_CHANGE = 2.0  # density changes at most this factor per update (no oscillation)
+DEADLINE_SHARE = 0.5  # an upload may take at most this share of the server's round deadline
 
 
 @dataclass(frozen=True)
@@ -111,8 +112,10 @@ class DensityController:
             return None
         rtt = self.rtt_s or 0.0
         budget_s = self.policy.upload_fraction * self.compute_s
-        if self.deadline_s is not None:  # compute and upload must also fit in a round
-            budget_s = min(budget_s, self.deadline_s - self.compute_s)
+        if self.deadline_s is not None:
+            # a round closes deadline_s after its first update arrives: an upload that takes
+            # longer than half of that misses the round when the others are on time
+            budget_s = min(budget_s, DEADLINE_SHARE * self.deadline_s)
         budget_bytes = max(budget_s - rtt, 0.0) * self.upload_bytes_per_s
         return budget_bytes / self.bytes_per_entry / max(numel, 1)
 

@@ -97,6 +97,7 @@ class Node:
         self._finished = threading.Event()
         self.version = -1
         self.lineage = ""
+        self._accepted_uploads = 0  # on the upload thread: when to re-measure the rtt
 
     def _should_stop(self) -> bool:
         return self.stop_event.is_set() or self._finished.is_set()
@@ -215,20 +216,23 @@ class Node:
             self.compressor.restore(deltas)
             if exc.status in (409, 422):  # read whole, then refused: the link was measured
                 self.density.observe_upload(len(body), entries, exc.elapsed_s)
+            self.density.set_server_cap(exc.body.get("max_density"))  # over_budget says it
             raise
         self.density.observe_upload(len(body), entries, seconds)
         self.density.set_server_cap(receipt.get("max_density"))
-        if self.density.updates % RTT_EVERY == 0:
+        self._accepted_uploads += 1
+        if self._accepted_uploads % RTT_EVERY == 0:
             self._measure_rtt()
 
     def _settle(self, future: Future, tokens: int) -> None:
         """Wait for an upload. A 409 means the weights moved on (the follower is already
-        fetching the newer ones); any other refusal is a mismatch that retrying cannot fix."""
+        fetching the newer ones); over_budget, that the server lowered its density cap (the
+        next update obeys it); any other refusal is a mismatch that retrying cannot fix."""
         try:
             future.result()
         except Refused as exc:
             self.stats.refused += 1
-            if exc.status != 409:
+            if exc.status != 409 and exc.code != "over_budget":
                 raise
             log.info("update refused (%s); it went back into the residual", exc.code)
             return

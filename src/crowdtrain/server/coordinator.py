@@ -260,6 +260,7 @@ class Coordinator:
                 "over_budget",
                 f"the update carries {update.nnz} entries; this server takes at most "
                 f"{self._max_entries} (density {cap}); send a sparser update",
+                max_density=cap,
             )
 
     def density_advice(self) -> float:
