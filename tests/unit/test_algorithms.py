@@ -234,3 +234,14 @@ def test_sync_step_equals_adamw_on_clipped_gradients(grad_clip):
         for name, p in params.items():
             assert p.grad is None
             torch.testing.assert_close(p.detach(), reference[name].detach(), rtol=1e-6, atol=1e-6)
+
+
+def test_nesterov_without_momentum_is_plain_sgd():
+    """outer_momentum 0 is a valid setting: the outer step is then params -= lr x mean."""
+    param = torch.nn.Parameter(torch.tensor([1.0, -2.0]))
+    cfg = OptimizerConfig("nesterov", lr=1.0, momentum=0.0, weight_decay=0.0)
+    sgd = build_optimizer([param], cfg)
+    assert not sgd.param_groups[0]["nesterov"]
+    param.grad = torch.tensor([0.25, 0.5])
+    sgd.step()
+    assert torch.equal(param.detach(), torch.tensor([0.75, -2.5]))

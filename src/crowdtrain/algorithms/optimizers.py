@@ -44,7 +44,11 @@ def _sgd_nesterov(
     params: Iterable[torch.nn.Parameter], cfg: OptimizerConfig
 ) -> torch.optim.Optimizer:
     return torch.optim.SGD(
-        params, lr=cfg.lr, momentum=cfg.momentum, nesterov=True, weight_decay=cfg.weight_decay
+        params,
+        lr=cfg.lr,
+        momentum=cfg.momentum,
+        nesterov=cfg.momentum > 0,  # torch refuses Nesterov without momentum: plain SGD then
+        weight_decay=cfg.weight_decay,
     )
 
 

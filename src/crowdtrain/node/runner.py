@@ -26,16 +26,23 @@ import torch
 from rich.console import Console
 
 from crowdtrain.compression.codecs import get_value_codec
+from crowdtrain.compression.sparse import SparseDelta
 from crowdtrain.compression.topk import TopKCompressor
 from crowdtrain.data.batches import BatchSampler, encode_documents
 from crowdtrain.data.corpus import default_corpus, load_text_files
 from crowdtrain.model.gpt import GPT
 from crowdtrain.model.tokenizer import Tokenizer
 from crowdtrain.node.client import CoordinatorClient, Refused, Stopped
-from crowdtrain.node.density import DensityController, DensityPolicy
+from crowdtrain.node.density import DensityController, DensityPolicy, LinkReport
 from crowdtrain.node.follower import Follower
 from crowdtrain.node.progress import NodeProgress
-from crowdtrain.node.trainer import DiLoCoTrainer, LocalTrainer, StepResult, pick_device
+from crowdtrain.node.trainer import (
+    DiLoCoTrainer,
+    LocalTrainer,
+    StepResult,
+    pick_device,
+    trainer_for,
+)
 from crowdtrain.protocol.manifest import Manifest
 from crowdtrain.protocol.update import UPDATE_FORMAT, UpdateMeta, encode_update
 from crowdtrain.settings import NODE_NAME_CHARS, NodeSettings
@@ -48,6 +55,34 @@ RTT_EVERY = 20  # re-measure the round-trip time every this many submissions
 def default_node_name() -> str:
     host = re.sub(rf"[^{NODE_NAME_CHARS}]", "-", socket.gethostname())  # what the server takes
     return f"{host[:40] or 'node'}-{os.getpid()}"
+
+
+def update_body(
+    step: StepResult,
+    deltas: dict[str, SparseDelta],
+    value_codec: str,
+    kind: str,
+    base_version: int,
+    lineage: str,
+    link: LinkReport | None = None,
+    update_id: str | None = None,
+) -> bytes:
+    """The POST /updates body of one computed and compressed step (zstd, delta-coded indices)."""
+    meta = UpdateMeta(
+        format=UPDATE_FORMAT,
+        value_codec=value_codec,
+        kind=kind,
+        base_version=base_version,
+        lineage=lineage,
+        samples=step.samples,
+        tokens=step.tokens,
+        loss=step.loss,
+        update_id=update_id or uuid.uuid4().hex,  # lets the server spot a resent upload
+        index_codec="delta",
+        upload_bytes_per_s=None if link is None else link.upload_bytes_per_s,
+        rtt_s=None if link is None else link.rtt_s,
+    )
+    return encode_update(deltas, meta)
 
 
 @dataclass
@@ -140,23 +175,9 @@ class Node:
             self.density.observe_rtt(min(times))
 
     def _trainer(self, sampler: BatchSampler) -> LocalTrainer | DiLoCoTrainer:
-        """What this run asks nodes to compute (the server says, in /info)."""
-        algorithm = self.training.get("algorithm", "sync")
-        if algorithm == "diloco":
-            return DiLoCoTrainer(
-                self.model,
-                sampler,
-                self.device,
-                inner_steps=int(self.training["inner_steps"]),
-                inner_lr=float(self.training["inner_lr"]),
-                accumulate=self.settings.accumulate,
-            )
-        if algorithm != "sync":
-            raise RuntimeError(
-                f"the server runs algorithm {algorithm!r}, which this node does "
-                "not know; upgrade crowdtrain on this node"
-            )
-        return LocalTrainer(self.model, sampler, self.device, self.settings.accumulate)
+        return trainer_for(
+            self.training, self.model, sampler, self.device, self.settings.accumulate
+        )
 
     def _load_snapshot(self) -> None:
         version, lineage, params = self.client.snapshot(self.manifest)
@@ -194,21 +215,10 @@ class Node:
         self.compressor.density = self.density.next_density(self.manifest.numel)
         deltas = self.compressor.compress(step.gradients)
         link = self.density.report()
-        meta = UpdateMeta(
-            format=UPDATE_FORMAT,
-            value_codec=self.compressor.codec.name,
-            kind=self.training.get("update_kind", "gradient"),
-            base_version=base_version,
-            lineage=lineage,
-            samples=step.samples,
-            tokens=step.tokens,
-            loss=step.loss,
-            update_id=uuid.uuid4().hex,  # lets the server spot a resent upload
-            index_codec="delta",
-            upload_bytes_per_s=link.upload_bytes_per_s,
-            rtt_s=link.rtt_s,
+        kind = self.training.get("update_kind", "gradient")
+        body = update_body(
+            step, deltas, self.compressor.codec.name, kind, base_version, lineage, link
         )
-        body = encode_update(deltas, meta)
         entries = sum(d.nnz for d in deltas.values())
         try:
             receipt, seconds = self.client.submit(body)

@@ -123,3 +123,29 @@ class DiLoCoTrainer:
         return StepResult(
             pseudo, sum(losses) / len(losses), samples, tokens, time.perf_counter() - started
         )
+
+
+def trainer_for(
+    training: dict,
+    model: GPT,
+    sampler: BatchSampler,
+    device: torch.device,
+    accumulate: int = 1,
+) -> LocalTrainer | DiLoCoTrainer:
+    """The trainer for what a run asks nodes to compute (`training` from GET /info)."""
+    algorithm = training.get("algorithm", "sync")
+    if algorithm == "diloco":
+        return DiLoCoTrainer(
+            model,
+            sampler,
+            device,
+            inner_steps=int(training["inner_steps"]),
+            inner_lr=float(training["inner_lr"]),
+            accumulate=accumulate,
+        )
+    if algorithm != "sync":
+        raise RuntimeError(
+            f"the server runs algorithm {algorithm!r}, which this node does "
+            "not know; upgrade crowdtrain on this node"
+        )
+    return LocalTrainer(model, sampler, device, accumulate)
