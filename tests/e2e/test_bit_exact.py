@@ -15,23 +15,28 @@ ROUNDS = 150
 pytestmark = pytest.mark.slow
 
 DOWNLINKS = {
+    # (server settings, the follower pulls every N versions, the uplink's value codec)
     # published steps whole, in fp32: a chain longer than one version outweighs a snapshot
-    "dense-fp32": ({}, 1),
+    "dense-fp32": ({}, 1, "fp16"),
     # top-5% of each step in fp16, the rest held back by the server's error feedback; the
     # follower pulls every third version, so chains of several versions are applied too
-    "sparse-fp16": ({"downlink_density": 0.05, "downlink_value_codec": "fp16"}, 3),
+    "sparse-fp16": ({"downlink_density": 0.05, "downlink_value_codec": "fp16"}, 3, "fp16"),
+    # a block codec both ways: int8 levels x per-block scales down, int4 up
+    "sparse-int8": ({"downlink_density": 0.05, "downlink_value_codec": "int8"}, 4, "int4"),
 }
+# bytes per published entry (index, value, share of a 64-value block's fp32 scale)
+ENTRY_BYTES = {"fp16": 4 + 2, "int8": 4 + 1 + 4 / 64}
 
 
 @pytest.mark.parametrize("downlink", sorted(DOWNLINKS))
 def test_replica_stays_bit_identical_after_many_rounds(e2e, downlink):
-    settings, pull_every = DOWNLINKS[downlink]
+    settings, pull_every, uplink_codec = DOWNLINKS[downlink]
     e2e.start_server(evaluate="false", max_staleness=0, warmup_versions=5, **settings)
     client = CoordinatorClient(e2e.url, "follower")
     manifest = client.manifest()
     version, lineage, replica = client.snapshot(manifest)
     initial = {name: t.clone() for name, t in replica.items()}
-    compressor = TopKCompressor(0.05, get_value_codec("fp16"), seed=1)
+    compressor = TopKCompressor(0.05, get_value_codec(uplink_codec), seed=1)
     generator = torch.Generator().manual_seed(0)
     server_version, published_bytes = version, 0
     try:
@@ -41,7 +46,7 @@ def test_replica_stays_bit_identical_after_many_rounds(e2e, downlink):
             }
             meta = UpdateMeta(
                 format=UPDATE_FORMAT,
-                value_codec="fp16",
+                value_codec=uplink_codec,
                 base_version=server_version,
                 lineage=lineage,
                 samples=4,
@@ -67,7 +72,8 @@ def test_replica_stays_bit_identical_after_many_rounds(e2e, downlink):
     # the weights really moved, so the check above compares two trained copies
     assert all(not torch.equal(initial[n], replica[n]) for n in replica)
     dense_bytes = ROUNDS * manifest.numel * 4
-    if downlink == "sparse-fp16":  # 5% of the entries at 6 bytes each instead of 4 for all
-        assert published_bytes < dense_bytes * 0.05 * 6 / 4 * 1.05
+    codec = settings.get("downlink_value_codec")
+    if codec is not None:  # 5% of the entries at ENTRY_BYTES each instead of 4 for all
+        assert published_bytes < dense_bytes * 0.05 * ENTRY_BYTES[codec] / 4 * 1.05
     else:
         assert published_bytes == dense_bytes
