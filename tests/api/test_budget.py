@@ -14,14 +14,9 @@ MAX_DENSITY = 0.05
 SERVER_SETTINGS = {"density_cap": MAX_DENSITY, "checkpoint_every": 1000}
 
 
-def update_at(server, density: float, **meta) -> bytes:
-    """A real top-k update of every parameter at `density`, as a node builds it."""
+def body(server, deltas: dict[str, SparseDelta], **meta) -> bytes:
+    """An update body for the server's current version carrying `deltas` (fp16 values)."""
     version, lineage = server.version()
-    g = torch.Generator().manual_seed(0)
-    gradients = {
-        spec.name: torch.randn(spec.shape, generator=g) for spec in server.runtime.manifest.params
-    }
-    deltas = TopKCompressor(density, get_value_codec("fp16")).compress(gradients)
     fields = dict(
         format=UPDATE_FORMAT,
         value_codec="fp16",
@@ -35,6 +30,16 @@ def update_at(server, density: float, **meta) -> bytes:
     )
     # model_construct skips validation, so a test can also send metadata a node never would
     return encode_update(deltas, UpdateMeta.model_construct(**fields))
+
+
+def update_at(server, density: float, **meta) -> bytes:
+    """A real top-k update of every parameter at `density`, as a node builds it."""
+    g = torch.Generator().manual_seed(0)
+    gradients = {
+        spec.name: torch.randn(spec.shape, generator=g) for spec in server.runtime.manifest.params
+    }
+    deltas = TopKCompressor(density, get_value_codec("fp16")).compress(gradients)
+    return body(server, deltas, **meta)
 
 
 def test_info_tells_nodes_the_cap(server):
@@ -72,21 +77,11 @@ def test_a_denser_update_is_refused_and_changes_nothing(server):
 
 
 def test_a_dense_update_is_refused_under_a_cap(server):
-    version, lineage = server.version()
     deltas = {
         spec.name: SparseDelta(None, torch.zeros(spec.shape, dtype=torch.float16))
         for spec in server.runtime.manifest.params
     }
-    meta = UpdateMeta(
-        format=UPDATE_FORMAT,
-        value_codec="fp16",
-        base_version=version,
-        lineage=lineage,
-        samples=8,
-        tokens=1024,
-        loss=5.0,
-    )
-    response = server.post_update(encode_update(deltas, meta), node="dense")
+    response = server.post_update(body(server, deltas), node="dense")
     assert response.status_code == 422 and response.json()["error"] == "over_budget"
 
 

@@ -332,16 +332,21 @@ def test_compress_does_not_modify_its_input():
     assert torch.equal(x, before)
 
 
-@pytest.mark.parametrize("density", [0.05, 1.0])
-@pytest.mark.parametrize("codec_name", ["fp16", "bf16", "int8", "int4"])
-def test_restore_puts_a_refused_update_back(density, codec_name):
-    codec = get_value_codec(codec_name)
-    compressor = TopKCompressor(density, codec, seed=3)
+def _second_update(density: float, codec_name: str):
+    """(compressor, its residual before, the input, what it sent) for a second update of "w",
+    so that the residual it starts from is not zero."""
+    compressor = TopKCompressor(density, get_value_codec(codec_name), seed=3)
     g = _generator(11)
     compressor.compress({"w": torch.randn(20, 30, generator=g)})
     old = compressor.residuals["w"].clone()
     x = torch.randn(20, 30, generator=g)
-    sent = compressor.compress({"w": x})
+    return compressor, old, x, compressor.compress({"w": x})
+
+
+@pytest.mark.parametrize("density", [0.05, 1.0])
+@pytest.mark.parametrize("codec_name", ["fp16", "bf16", "int8", "int4"])
+def test_restore_puts_a_refused_update_back(density, codec_name):
+    compressor, old, x, sent = _second_update(density, codec_name)
     assert not torch.equal(compressor.residuals["w"], x + old)
     compressor.restore(sent)
     # Exact for the same reason as the invariant: (a - q(a)) + q(a) == a in fp32.
@@ -353,13 +358,7 @@ def test_restore_puts_a_refused_sign_update_back(density):
     """The sign codec's residual `a - q(a)` is rounded once (see the invariant above), so the
     restored residual is `a` within half an fp32 ulp of `a - q(a)`, plus the one rounding of
     adding q(a) back."""
-    codec = get_value_codec("sign")
-    compressor = TopKCompressor(density, codec, seed=3)
-    g = _generator(11)
-    compressor.compress({"w": torch.randn(20, 30, generator=g)})
-    old = compressor.residuals["w"].clone()
-    x = torch.randn(20, 30, generator=g)
-    sent = compressor.compress({"w": x})
+    compressor, old, x, sent = _second_update(density, "sign")
     q = sent["w"].to_dense((20, 30)).double()
     compressor.restore(sent)
     a, restored = (x + old).double(), compressor.residuals["w"].double()
