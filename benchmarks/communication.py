@@ -495,9 +495,9 @@ def run_row(row: Row, shared: Shared, bars: RowProgress, pool: ThreadPoolExecuto
                     raise RuntimeError(f"row {row.name}: no delta chain for version {version + 1}")
                 downlink.append(len(published.body))
                 raw = encoding.decompress(published.body, "zstd", max_raw)
-                chain, _, codec = decode_deltas(raw, runtime.manifest)
+                chain, _, _ = decode_deltas(raw, runtime.manifest)
                 # Node.apply_published, on every replica (in parallel: they are independent)
-                list(pool.map(DeltaChain(chain, codec).apply_to, [n.params for n in nodes]))
+                list(pool.map(DeltaChain(chain).apply_to, [n.params for n in nodes]))
                 if version % SNAPSHOT_EVERY == 0 or version + 1 == rounds:
                     snapshot_sizes.append(len(runtime.publisher.snapshot("fp32", "zstd").body))
                 mean_loss = statistics.fmean(step.loss for _, step, _ in results)

@@ -13,7 +13,6 @@ import httpx
 import torch
 
 from crowdtrain import __version__
-from crowdtrain.compression.codecs import ValueCodec, get_value_codec
 from crowdtrain.compression.sparse import SparseDelta
 from crowdtrain.model.gpt import GPTConfig
 from crowdtrain.protocol import NODE_ID_HEADER
@@ -170,11 +169,11 @@ class CoordinatorClient:
                 return None
             raise
         if response.status_code == 204:
-            return DeltaChain([], get_value_codec("fp32"))
-        chain, chain_lineage, codec = decode_deltas(response.content, manifest)
+            return DeltaChain([])
+        chain, chain_lineage, _ = decode_deltas(response.content, manifest)
         if chain_lineage != lineage:
             return None
-        return DeltaChain(chain, codec)
+        return DeltaChain(chain)
 
     def submit(self, body: bytes) -> tuple[dict, float]:
         """POST an encoded update: (the server's receipt, seconds the accepted attempt took)."""
@@ -232,10 +231,9 @@ def model_config_from_info(info: dict) -> GPTConfig:
 
 @dataclass
 class DeltaChain:
-    """Published deltas in version order, and the codec their values are in."""
+    """Published deltas in version order (each delta carries its value codec)."""
 
     versions: list[tuple[int, dict[str, SparseDelta]]]
-    codec: ValueCodec
 
     def __bool__(self) -> bool:
         return bool(self.versions)
