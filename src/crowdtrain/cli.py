@@ -8,11 +8,12 @@ import threading
 from pathlib import Path
 
 import typer
-from rich.console import Console
-from rich.markup import escape
 
 from crowdtrain import __version__
+from crowdtrain.data.cli import data_app
 from crowdtrain.settings import NodeSettings, ServerSettings, SettingsError, load_settings
+from crowdtrain.terminal import CONFIG_HELP, console
+from crowdtrain.terminal import fail as _fail
 
 app = typer.Typer(
     help="crowdtrain: train a GPT-style language model together with other people's machines.\n\n"
@@ -22,14 +23,6 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-console = Console(stderr=True)
-
-CONFIG_HELP = "TOML file with server and/or node tables (also CROWDTRAIN_CONFIG)."
-
-
-def _fail(message: str, code: int = 2) -> None:
-    console.print(f"[bold red]error:[/] {escape(message)}", highlight=False)
-    raise typer.Exit(code)
 
 
 def _version(value: bool) -> None:
@@ -89,6 +82,24 @@ def server(
     ),
     checkpoint_every: int | None = typer.Option(None, help="Write a checkpoint every N versions."),
     seed: int | None = typer.Option(None, help="Seed of the initial weights."),
+    dataset: str | None = typer.Option(
+        None,
+        help="Train on this dataset from `crowdtrain data import` (default: the built-in "
+        "corpus, imported as 'pydoc-topics').",
+    ),
+    objective: str | None = typer.Option(
+        None,
+        help="pretrain (default): next-token loss on the train split; sft: fine-tune on the "
+        "annotated split, with loss on the responses only.",
+    ),
+    shard_tokens: int | None = typer.Option(
+        None, help="Tokens per shard that nodes lease (default: 65536)."
+    ),
+    lease_ttl: float | None = typer.Option(
+        None,
+        "--lease-ttl",
+        help="Seconds a shard lease lasts without renewal before it is re-issued (default: 60).",
+    ),
 ) -> None:
     """Run the coordinator: it holds the model, takes updates from nodes, and publishes versions.
 
@@ -118,6 +129,10 @@ def server(
             max_staleness=max_staleness,
             checkpoint_every=checkpoint_every,
             seed=seed,
+            dataset=dataset,
+            objective=objective,
+            shard_tokens=shard_tokens,
+            lease_ttl_s=lease_ttl,
         )
     except SettingsError as exc:
         _fail(str(exc))
@@ -131,6 +146,12 @@ def server(
         print(
             f"crowdtrain server listening on {url} ({resumed}; model {settings.model}, "
             f"{runtime.manifest.numel:,} parameters)",
+            flush=True,
+        )
+        data = runtime.train_data
+        print(
+            f"training data: {data.dataset}/{data.split}, {data.tokens:,} tokens in "
+            f"{len(data.shards)} shards",
             flush=True,
         )
         print(f"API docs: {url}/docs   join with: crowdtrain node --server {url}", flush=True)
@@ -175,7 +196,8 @@ def node(
     ),
     data: Path | None = typer.Option(
         None,
-        help="Train on these .txt/.md files (a file or a folder) instead of the built-in corpus.",
+        help="Train on your own files (a file or a folder of .txt, .md, .jsonl, .csv, .parquet) "
+        "instead of the shards the server leases, where the server allows it.",
     ),
     max_updates: int | None = typer.Option(None, help="Stop after this many updates."),
     duration: float | None = typer.Option(None, help="Stop after this many seconds."),
@@ -186,7 +208,7 @@ def node(
         help="Compute the next step while the last upload is in flight (default: on).",
     ),
 ) -> None:
-    """Join a training run: pull the model, train on local batches, push compressed updates.
+    """Join a training run: pull the model, lease data shards, train, push compressed updates.
 
     The node keeps retrying while the server is unreachable and resyncs by itself after a
     server restart. Ctrl-C finishes the upload in flight and exits.
@@ -270,6 +292,9 @@ def demo(
             console,
         )
     )
+
+
+app.add_typer(data_app, name="data")
 
 
 def main() -> None:

@@ -25,7 +25,7 @@ from crowdtrain.model.generate import generate
 from crowdtrain.model.gpt import GPT
 from crowdtrain.model.tokenizer import Tokenizer
 from crowdtrain.node.client import CoordinatorClient
-from crowdtrain.node.progress import human_bytes
+from crowdtrain.progress import human_bytes
 
 STARTUP_TIMEOUT_S = 180.0
 

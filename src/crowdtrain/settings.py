@@ -110,6 +110,35 @@ class ServerSettings(_Settings):
         description="the densest update a node may send (fraction of entries); the server "
         "refuses denser ones and halves this advice while its queue is over half full",
     )
+    dataset: str | None = Field(
+        None,
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$",
+        description="train on this dataset of the store (see `crowdtrain data`); unset: the "
+        "embedded corpus, imported as the dataset 'pydoc-topics'",
+    )
+    objective: Literal["pretrain", "sft"] = Field(
+        "pretrain",
+        description="pretrain: next-token loss on the train split; sft: supervised "
+        "fine-tuning on the annotated split, loss on response tokens only",
+    )
+    shard_tokens: int = Field(
+        65536, ge=256, le=1 << 28, description="tokens per training shard a node leases"
+    )
+    lease_ttl_s: float = Field(
+        60.0,
+        gt=0,
+        le=86400,
+        description="a shard lease not renewed for this long goes back to the pool",
+    )
+    allow_local_data: bool = Field(
+        True, description="accept updates from nodes that train on their own files (--data)"
+    )
+    database_url: str | None = Field(
+        None, description="SQLAlchemy database URL; unset: a SQLite file in data_dir"
+    )
+    max_upload_mb: float = Field(
+        1024, gt=0, description="largest data file accepted by the HTTP upload endpoint"
+    )
     checkpoint_every: int = Field(50, ge=1, description="write a checkpoint every N versions")
     keep_checkpoints: int = Field(3, ge=1, description="how many checkpoints to keep")
     delta_window: int = Field(8, ge=1, description="published deltas kept for incremental pulls")
@@ -192,7 +221,15 @@ class NodeSettings(_Settings):
         "fp16", description="value encoding: fp32, fp16, bf16, int8, int4 or sign"
     )
     data: Path | None = Field(
-        None, description="train on these .txt/.md files instead of the embedded corpus"
+        None,
+        description="train on these local files (a file or a directory of .txt, .md, .jsonl, "
+        ".csv, .parquet) instead of the server's shards, if the server allows it",
+    )
+    cache_dir: Path | None = Field(
+        None, description="where downloaded shards are kept; default ~/.cache/crowdtrain"
+    )
+    shard_cache_mb: float = Field(
+        1024, gt=0, description="downloaded shards kept at most; the oldest go first"
     )
     seed: int | None = Field(None, description="data-sampling seed; default from the name")
     max_updates: int | None = Field(None, ge=1, description="stop after this many updates")

@@ -64,16 +64,16 @@ def test_load_text_files(tmp_path):
 def test_load_text_files_errors(tmp_path):
     with pytest.raises(ValueError, match="does not exist"):
         load_text_files(tmp_path / "missing")
-    with pytest.raises(ValueError, match="no .txt or .md files"):
+    with pytest.raises(ValueError, match="no files to import"):
         load_text_files(tmp_path)
     (tmp_path / "notes.rst").write_text("x")
-    with pytest.raises(ValueError, match=r"notes.rst is not a \.txt or \.md file"):
+    with pytest.raises(ValueError, match=r"notes.rst: unsupported file type '\.rst'"):
         load_text_files(tmp_path / "notes.rst")
     (tmp_path / "empty.txt").write_text("")
     with pytest.raises(ValueError, match="empty"):
         load_text_files(tmp_path)
     (tmp_path / "bad.txt").write_bytes(b"caf\xc3\xa9 ok, then \xff")
-    with pytest.raises(ValueError, match=r"bad.txt is not valid UTF-8.*byte offset 15"):
+    with pytest.raises(ValueError, match=r"bad.txt: not valid UTF-8 at line 1.*byte offset 15"):
         load_text_files(tmp_path)
 
 

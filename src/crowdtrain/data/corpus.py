@@ -1,4 +1,4 @@
-"""Text corpora: the default one shipped inside Python itself, and plain text files from disk."""
+"""Text corpora: the default one shipped inside Python itself, and a node's own files."""
 
 from __future__ import annotations
 
@@ -6,9 +6,9 @@ import hashlib
 import os
 import re
 from dataclasses import dataclass
-from pathlib import Path
 
-TEXT_SUFFIXES = (".txt", ".md")
+from crowdtrain.data.importers import DataImportError, ImportOptions, find_sources, read_documents
+
 # documents are built from whole paragraphs until they reach this size, so most are 2-4 KB
 DOCUMENT_MIN_CHARS = 2000
 
@@ -65,43 +65,14 @@ def _hash_fraction(text: str) -> float:
 
 
 def load_text_files(path: str | os.PathLike[str]) -> list[str]:
-    """One document per .txt or .md file: the file itself, or all under a directory.
-
-    Directories are searched recursively in sorted order, skipping hidden files and folders.
-    Empty files are skipped, as they hold no text.
-    """
-    root = Path(path)
-    if root.is_file():
-        if root.suffix.lower() not in TEXT_SUFFIXES:
-            raise ValueError(f"{root} is not a .txt or .md file")
-        files = [root]
-    elif root.is_dir():
-        files = sorted(
-            file
-            for file in root.rglob("*")
-            if file.suffix.lower() in TEXT_SUFFIXES
-            and file.is_file()
-            and not any(part.startswith(".") for part in file.relative_to(root).parts)
-        )
-        if not files:
-            raise ValueError(f"no .txt or .md files found under {root}")
-    else:
-        raise ValueError(f"{root} does not exist")
-
-    documents = [text for text in (_read_utf8(file) for file in files) if text.strip()]
+    """Every text document in a file or directory, read by the store's importers (any format
+    `crowdtrain data import` takes): a node's own data for `crowdtrain node --data`."""
+    options = ImportOptions()
+    documents = [
+        document
+        for source in find_sources(path, options)
+        for document in read_documents(source, options)
+    ]
     if not documents:
-        raise ValueError(f"all {len(files)} text file(s) under {root} are empty")
+        raise DataImportError(f"no text found in {path}: every file in it is empty")
     return documents
-
-
-def _read_utf8(file: Path) -> str:
-    data = file.read_bytes()
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError as error:
-        raise ValueError(
-            f"{file} is not valid UTF-8: {error.reason} at byte offset {error.start}; "
-            "convert it to UTF-8 or remove it"
-        ) from error
-    # a byte order mark is encoding metadata, not text
-    return text.removeprefix("\ufeff")

@@ -187,6 +187,26 @@ class CoordinatorClient:
             self.traffic.sent += len(body)
         return response.json(), response.elapsed.total_seconds()
 
+    def lease(self) -> dict:
+        """Lease the next shard (docs/data.md); `lease` is None while none is free."""
+        return self.request("POST", "/leases").json()
+
+    def renew(self, lease_id: str) -> float:
+        return self.request("POST", f"/leases/{lease_id}/renew").json()["expires_at"]
+
+    def release(self, lease_id: str) -> bool:
+        """Give a lease back, once and quickly (the node is stopping); True if the server took
+        it. Otherwise it expires on its own."""
+        try:
+            response = self._http.delete(f"{API}/leases/{lease_id}", timeout=5.0)
+        except httpx.HTTPError:
+            return False
+        return response.status_code == 204
+
+    def shard(self, shard_id: int) -> bytes:
+        """A shard's bytes (token ids, then the loss mask when it has one), decompressed."""
+        return self.request("GET", f"/shards/{shard_id}").content
+
     def wait_for_version(self, after: int, wait: float) -> dict:
         return self.request(
             "GET", "/model/version", params={"after": after, "wait": wait}, timeout=wait + 60.0

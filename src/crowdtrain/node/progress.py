@@ -9,16 +9,9 @@ from rich.console import Console
 from rich.live import Live
 from rich.text import Text
 
+from crowdtrain.progress import human_bytes
+
 PLAIN_EVERY_S = 5.0  # without a terminal (logs, the demo) print a line this often
-
-
-def human_bytes(n: float) -> str:
-    """Decimal units (1 KB = 1000 B), as --upload-limit reads them."""
-    for unit in ("B", "KB", "MB", "GB"):
-        if abs(n) < 1000 or unit == "GB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1000
-    return f"{n:.1f} GB"
 
 
 class NodeProgress:

@@ -29,10 +29,11 @@ from crowdtrain.compression.codecs import get_value_codec
 from crowdtrain.compression.sparse import SparseDelta
 from crowdtrain.compression.topk import TopKCompressor
 from crowdtrain.data.batches import BatchSampler, encode_documents
-from crowdtrain.data.corpus import default_corpus, load_text_files
+from crowdtrain.data.corpus import load_text_files
 from crowdtrain.model.gpt import GPT
 from crowdtrain.model.tokenizer import Tokenizer
 from crowdtrain.node.client import CoordinatorClient, Refused, Stopped
+from crowdtrain.node.data import ShardCache, ShardFeed, default_cache_dir
 from crowdtrain.node.density import DensityController, DensityPolicy, LinkReport
 from crowdtrain.node.follower import Follower
 from crowdtrain.node.progress import NodeProgress
@@ -66,6 +67,8 @@ def update_body(
     lineage: str,
     link: LinkReport | None = None,
     update_id: str | None = None,
+    leases: list[str] = (),
+    data_source: str = "server",
 ) -> bytes:
     """The POST /updates body of one computed and compressed step (zstd, delta-coded indices)."""
     meta = UpdateMeta(
@@ -81,6 +84,8 @@ def update_body(
         index_codec="delta",
         upload_bytes_per_s=None if link is None else link.upload_bytes_per_s,
         rtt_s=None if link is None else link.rtt_s,
+        leases=",".join(leases),
+        data_source=data_source,
     )
     return encode_update(deltas, meta)
 
@@ -132,6 +137,8 @@ class Node:
         self._finished = threading.Event()
         self.version = -1
         self.lineage = ""
+        self.feed: ShardFeed | None = None
+        self.data_source = "server"
         self._accepted_uploads = 0  # on the upload thread: when to re-measure the rtt
 
     def _should_stop(self) -> bool:
@@ -152,22 +159,42 @@ class Node:
                 "builds from its config; upgrade crowdtrain on this node"
             )
         self._load_snapshot()
-        texts = (
-            load_text_files(self.settings.data) if self.settings.data else default_corpus().train
-        )
-        tokens = encode_documents(self.tokenizer, texts)
         seed = (
             self.settings.seed if self.settings.seed is not None else zlib.crc32(self.name.encode())
         )
-        sampler = BatchSampler(tokens, self.settings.batch_size, self.config.block_size, seed)
         self.training = info["training"]
-        self.trainer = self._trainer(sampler)
+        self.trainer = self._trainer(self._sampler(seed))
         self.density.set_server_cap(self.training.get("density_cap"))
         self.density.deadline_s = float(self.training.get("round_deadline_s", 10))
         self._measure_rtt(pings=3)
         self.compressor = TopKCompressor(
             self.density.density, get_value_codec(self.settings.value_codec), seed=seed
         )
+
+    def _sampler(self, seed: int) -> BatchSampler | ShardFeed:
+        """Batches from the server's shards, or (with --data, where the server allows it)
+        random windows of the node's own files."""
+        s = self.settings
+        if s.data is None:
+            self.data_source = "server"
+            cache = ShardCache(s.cache_dir or default_cache_dir(), int(s.shard_cache_mb * 1e6))
+            self.feed = ShardFeed(
+                self.client, cache, s.batch_size, self.config.block_size, self._should_stop
+            )
+            return self.feed
+        if not self.training.get("allow_local_data", True):
+            raise RuntimeError(
+                "this server trains only on its own shards (allow_local_data is off); "
+                "run the node without --data"
+            )
+        if self.training.get("objective", "pretrain") != "pretrain":
+            raise RuntimeError(
+                f"this server runs {self.training['objective']!r} rounds on its annotated "
+                "shards; --data gives plain text for pretraining only, so leave it out"
+            )
+        self.data_source = "local"
+        tokens = encode_documents(self.tokenizer, load_text_files(s.data))
+        return BatchSampler(tokens, s.batch_size, self.config.block_size, seed)
 
     def _measure_rtt(self, pings: int = 1) -> None:
         times = [t for t in (self.client.ping() for _ in range(pings)) if t is not None]
@@ -209,27 +236,42 @@ class Node:
             return False
         return s.duration_s is None or time.monotonic() - self.stats.started < s.duration_s
 
-    def _compress_and_submit(self, step: StepResult, base_version: int, lineage: str) -> None:
+    def _compress_and_submit(
+        self, step: StepResult, base_version: int, lineage: str, leases: list[str]
+    ) -> None:
         """Runs on the upload thread, which alone owns the compressor: the main thread is
-        already computing the next step. A refused update goes back into the residual."""
+        already computing the next step. A refused update goes back into the residual, and
+        the leases it would have finished ride on the next one."""
         self.compressor.density = self.density.next_density(self.manifest.numel)
         deltas = self.compressor.compress(step.gradients)
         link = self.density.report()
         kind = self.training.get("update_kind", "gradient")
         body = update_body(
-            step, deltas, self.compressor.codec.name, kind, base_version, lineage, link
+            step,
+            deltas,
+            self.compressor.codec.name,
+            kind,
+            base_version,
+            lineage,
+            link,
+            leases=leases,
+            data_source=self.data_source,
         )
         entries = sum(d.nnz for d in deltas.values())
         try:
             receipt, seconds = self.client.submit(body)
         except Refused as exc:
             self.compressor.restore(deltas)
+            if self.feed is not None:
+                self.feed.give_back(leases)
             if exc.status in (409, 422):  # read whole, then refused: the link was measured
                 self.density.observe_upload(len(body), entries, exc.elapsed_s)
             self.density.set_server_cap(exc.body.get("max_density"))  # over_budget says it
             raise
         self.density.observe_upload(len(body), entries, seconds)
         self.density.set_server_cap(receipt.get("max_density"))
+        if self.feed is not None:
+            self.feed.settled(receipt.get("leases", {}))
         self._accepted_uploads += 1
         if self._accepted_uploads % RTT_EVERY == 0:
             self._measure_rtt()
@@ -260,6 +302,8 @@ class Node:
             pass
         finally:
             self._finished.set()
+            if self.feed is not None:
+                self.feed.close()
             self.client.close()
         return self.stats
 
@@ -282,7 +326,10 @@ class Node:
                 self.stats.last_loss = step.loss
                 if in_flight is not None:
                     self._settle(*in_flight)
-                future = uploads.submit(self._compress_and_submit, step, base_version, self.lineage)
+                leases = self.feed.take_finished() if self.feed is not None else []
+                future = uploads.submit(
+                    self._compress_and_submit, step, base_version, self.lineage, leases
+                )
                 in_flight = (future, step.tokens)
                 if not overlap:  # wait for the round this update joins before computing again
                     self._settle(*in_flight)

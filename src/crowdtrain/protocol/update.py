@@ -27,6 +27,9 @@ UPDATE_KINDS = ("gradient", "pseudo_gradient")
 SUFFIXES = ("idx", "val", "dense", "scale")
 
 
+MAX_LEASES_PER_UPDATE = 64
+
+
 class UpdateMeta(BaseModel):
     """Submission facts a node declares; parsed strictly (untrusted input never stays a dict)."""
 
@@ -48,6 +51,23 @@ class UpdateMeta(BaseModel):
     # the node's own link measurements (docs/compression.md), shown in the node list
     upload_bytes_per_s: float | None = Field(None, ge=0, le=1e12)
     rtt_s: float | None = Field(None, ge=0, le=3600)
+    # the shard leases this update finishes, comma-separated (docs/data.md); they enter the
+    # epoch ledger when the update's round is applied
+    leases: str = Field("", max_length=33 * MAX_LEASES_PER_UPDATE, pattern=r"^[0-9a-f,]*$")
+    # "local": computed on the node's own files (--data), not on leased shards
+    data_source: Literal["server", "local"] = "server"
+
+    @property
+    def lease_ids(self) -> list[str]:
+        return [lease for lease in self.leases.split(",") if lease]
+
+    @field_validator("leases")
+    @classmethod
+    def _lease_ids(cls, value: str) -> str:
+        ids = [lease for lease in value.split(",") if lease]
+        if any(len(lease) != 32 for lease in ids) or len(set(ids)) != len(ids):
+            raise ValueError("leases must be distinct 32-character lease ids, comma-separated")
+        return ",".join(ids)
 
     @field_validator("format")
     @classmethod
@@ -77,7 +97,11 @@ class UpdateMeta(BaseModel):
         return value
 
     def to_wire(self) -> dict[str, str]:
-        return {k: str(v) for k, v in self.model_dump(exclude_none=True).items()}
+        fields = self.model_dump(exclude_none=True)
+        for key, default in (("leases", ""), ("data_source", "server")):
+            if fields[key] == default:  # unsaid: servers before leases refuse unknown keys
+                del fields[key]
+        return {k: str(v) for k, v in fields.items()}
 
 
 @dataclass

@@ -14,7 +14,7 @@ from fastapi.responses import JSONResponse
 
 from crowdtrain import __version__
 from crowdtrain.protocol.errors import WireError
-from crowdtrain.server.routes import health, history, model, updates
+from crowdtrain.server.routes import data, health, history, model, updates
 from crowdtrain.server.runtime import ServerRuntime
 from crowdtrain.settings import ServerSettings
 
@@ -78,7 +78,7 @@ def create_app(settings: ServerSettings, runtime: ServerRuntime | None = None) -
             headers["Retry-After"] = str(max(1, round(exc.extra.get("retry_after_s", 1))))
         return JSONResponse(exc.to_json(), status_code=exc.status, headers=headers)
 
-    for router in (health.router, model.router, updates.router, history.router):
+    for router in (health.router, model.router, updates.router, history.router, data.router):
         app.include_router(router, prefix=API_PREFIX)
     return app
 

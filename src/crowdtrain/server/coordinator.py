@@ -64,6 +64,7 @@ class Submission:
 class _OpenRound:
     started_at: float | None = None  # monotonic time of the round's first update
     node_ids: set[str] = field(default_factory=set)
+    update_ids: list[str] = field(default_factory=list)
     updates: int = 0
     samples: int = 0
     tokens: int = 0
@@ -79,6 +80,7 @@ class RoundResult:
 
     version: int
     record: dict
+    update_ids: list[str] = field(default_factory=list)  # of the updates applied in it
 
 
 class Coordinator:
@@ -358,6 +360,8 @@ class Coordinator:
         if r.started_at is None:
             r.started_at = time.monotonic()
         r.node_ids.add(submission.node_id)
+        if meta.update_id:
+            r.update_ids.append(meta.update_id)
         r.updates += 1
         r.samples += meta.samples
         r.tokens += meta.tokens
@@ -425,7 +429,7 @@ class Coordinator:
             "round_s": time.monotonic() - r.started_at,
             **{k: round(v, 6) for k, v in timings.items()},
         }
-        result = RoundResult(version, record)
+        result = RoundResult(version, record, r.update_ids)
         for listener in self._listeners:
             try:
                 listener(result)

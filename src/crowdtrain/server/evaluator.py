@@ -17,7 +17,7 @@ import torch
 
 from crowdtrain.model.evaluate import validation_loss
 from crowdtrain.model.gpt import GPT, GPTConfig
-from crowdtrain.server.metrics import HistoryLog
+from crowdtrain.server.metrics import EvaluationLog
 
 log = logging.getLogger(__name__)
 
@@ -30,12 +30,14 @@ class Evaluator:
         config: GPTConfig,
         tokens: np.ndarray,
         snapshot: Callable[[], tuple[int, dict[str, torch.Tensor]]],
-        history: HistoryLog,
+        history: EvaluationLog,
         every: int,
         batches: int,
         batch_size: int,
+        dataset: str = "",
     ):
         self.model = GPT(config)
+        self.dataset = dataset
         self.tokens = tokens
         self.snapshot = snapshot
         self.history = history
@@ -102,6 +104,8 @@ class Evaluator:
             "valid_loss": loss,
             "valid_perplexity": math.exp(min(loss, 50.0)),
             "eval_s": round(time.perf_counter() - started, 4),
+            "dataset": self.dataset,
+            "sample_tokens": self.batches * self.batch_size * self.model.config.block_size,
         }
         if version > self.evaluated:
             self.history.append(record)

@@ -13,7 +13,7 @@ if TYPE_CHECKING:
 CONNECTED_WITHIN_S = 60.0
 # what moves, by kind: bytes on the wire (compressed) and raw (after decompression)
 INBOUND_KINDS = ("update",)
-OUTBOUND_KINDS = ("snapshot", "deltas")
+OUTBOUND_KINDS = ("snapshot", "deltas", "shard")
 
 
 def _empty_traffic() -> dict[str, dict[str, int]]:
@@ -34,6 +34,7 @@ class NodeRecord:
     density: float | None = None  # of its last accepted update (entries / model size)
     upload_bytes_per_s: float | None = None  # its link, as the node measured it
     rtt_s: float | None = None
+    local_data_updates: int = 0  # accepted updates computed on the node's own files
     bytes_in: int = 0
     bytes_out: int = 0
     traffic: dict[str, dict[str, int]] = field(default_factory=_empty_traffic)
@@ -84,6 +85,7 @@ class NodeRegistry:
             record.density = update.nnz / numel
             record.upload_bytes_per_s = meta.upload_bytes_per_s
             record.rtt_s = meta.rtt_s
+            record.local_data_updates += meta.data_source == "local"
             self._transferred(record, "update", update.wire_bytes, update.raw_bytes)
 
     def refused(self, node_id: str, wire_bytes: int) -> None:

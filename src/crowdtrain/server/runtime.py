@@ -14,17 +14,21 @@ from crowdtrain.algorithms.optimizers import OptimizerConfig, build_optimizer
 from crowdtrain.algorithms.strategies import Strategy, build_strategy
 from crowdtrain.compression.codecs import get_value_codec
 from crowdtrain.compression.topk import TopKCompressor
-from crowdtrain.data.batches import encode_documents
+from crowdtrain.data.chat import DEFAULT_CHAT_TEMPLATE, ChatTemplate
 from crowdtrain.data.corpus import default_corpus
+from crowdtrain.data.leases import LeaseBook
+from crowdtrain.data.store import DataStore, StoreError
+from crowdtrain.db import Database
 from crowdtrain.model.gpt import GPT, GPTConfig
 from crowdtrain.model.presets import PRESETS, preset_config
 from crowdtrain.model.tokenizer import Tokenizer
+from crowdtrain.progress import byte_progress
 from crowdtrain.protocol.manifest import Manifest
 from crowdtrain.protocol.update import IntakeLimits
 from crowdtrain.server.checkpoints import Checkpoint, CheckpointStore
 from crowdtrain.server.coordinator import Coordinator, RoundPolicy, RoundResult
 from crowdtrain.server.evaluator import Evaluator
-from crowdtrain.server.metrics import HistoryLog
+from crowdtrain.server.metrics import EvaluationLog, HistoryLog
 from crowdtrain.server.nodes import NodeRegistry
 from crowdtrain.server.publishing import Publisher
 from crowdtrain.settings import ServerSettings, SettingsError
@@ -53,7 +57,13 @@ TRAINING_KEYS = (
     "downlink_density",
     "downlink_value_codec",
     "density_cap",
+    "objective",
+    "allow_local_data",
+    "lease_ttl_s",
 )
+DEFAULT_DATASET = "pydoc-topics"  # the embedded corpus, imported at first start
+TOKENIZER_SAMPLE_BYTES = 64 << 20  # a new tokenizer learns from at most this much train text
+EVAL_TOKENS = 1 << 22  # the Evaluator samples its fixed windows from the first this many
 
 
 @dataclass
@@ -61,6 +71,7 @@ class _Built:
     tokenizer: Tokenizer
     config: GPTConfig
     checkpoint: Checkpoint | None
+    chat_template: ChatTemplate
 
 
 class ServerRuntime:
@@ -71,11 +82,19 @@ class ServerRuntime:
         self.data_dir = Path(settings.data_dir)
         self.data_dir.mkdir(parents=True, exist_ok=True)
         self.checkpoints = CheckpointStore(self.data_dir / "checkpoints", settings.keep_checkpoints)
-        corpus = default_corpus()
-        self.corpus_name = corpus.name
-        built = self._tokenizer_and_config(corpus.train)
+        self.db = (
+            Database(settings.database_url)
+            if settings.database_url
+            else Database.in_directory(self.data_dir)
+        )
+        self.store = DataStore(self.data_dir, self.db)
+        self.dataset = self._dataset()
+        built = self._tokenizer_and_config()
         self.tokenizer, self.config = built.tokenizer, built.config
+        self.chat_template = built.chat_template
         self.tokenizer.save(self.data_dir / "tokenizer.json")
+        self.train_data, valid = self._tokenized()
+        self.leases = LeaseBook(self.db, self.train_data, settings.lease_ttl_s, seed=settings.seed)
 
         torch.manual_seed(settings.seed)
         self.model = GPT(self.config)
@@ -128,14 +147,15 @@ class ServerRuntime:
         self.publisher = Publisher(self.coordinator)
         self.nodes = NodeRegistry()
         self.rounds = HistoryLog(self.data_dir / "rounds.jsonl")
-        self.evals = HistoryLog(self.data_dir / "evals.jsonl")
+        self.evals = EvaluationLog(self.db, self.data_dir / "evals.jsonl")
         self.rounds.truncate_after(version)
         self.evals.truncate_after(version)
         self.evaluator = Evaluator(
             self.config,
-            encode_documents(self.tokenizer, corpus.valid),
+            self.store.tokens(valid, limit=EVAL_TOKENS),
             self.coordinator.snapshot,
             self.evals,
+            dataset=self.dataset,
             every=settings.eval_every,
             batches=settings.eval_batches,
             batch_size=settings.eval_batch_size,
@@ -145,7 +165,65 @@ class ServerRuntime:
         if built.checkpoint is None:
             self.save_checkpoint()
 
-    def _tokenizer_and_config(self, train_texts: list[str]) -> _Built:
+    def _dataset(self) -> str:
+        """The dataset this run trains on; the embedded corpus is imported on first use."""
+        name = self.settings.dataset
+        if name is not None:
+            if not self.store.exists(name):
+                raise SettingsError(f"--dataset: {self.store.unknown_message(name)}")
+            return name
+        if not self.store.exists(DEFAULT_DATASET, "train"):
+            corpus = default_corpus()
+            for split, documents in (("train", corpus.train), ("valid", corpus.valid)):
+                self.store.import_documents(
+                    DEFAULT_DATASET, split, documents, "python:pydoc_data.topics"
+                )
+        return DEFAULT_DATASET
+
+    def _tokenized(self):
+        """The shards nodes lease (train, or annotated for sft) and the validation split."""
+        s = self.settings
+        lease_split = "annotated" if s.objective == "sft" else "train"
+        try:
+            with byte_progress(f"tokenizing {self.dataset}/{lease_split}", None) as progress:
+                train = self.store.tokenized(
+                    self.dataset,
+                    lease_split,
+                    self.tokenizer,
+                    s.shard_tokens,
+                    template=self.chat_template,
+                    progress=progress,
+                )
+            with byte_progress(f"tokenizing {self.dataset}/valid", None) as progress:
+                valid = self.store.tokenized(
+                    self.dataset, "valid", self.tokenizer, s.shard_tokens, progress=progress
+                )
+        except StoreError as error:
+            raise SettingsError(str(error)) from None
+        if s.evaluate and valid.tokens < self.config.block_size + 1:
+            raise SettingsError(
+                f"the valid split of {self.dataset!r} has {valid.tokens} tokens, fewer than "
+                f"one window of block_size + 1 = {self.config.block_size + 1}; import more "
+                "validation text or set evaluate = false"
+            )
+        for info in (train, valid):
+            self.store.delete_stale_tokenizations(info)
+        return train, valid
+
+    def _tokenizer_texts(self):
+        """A bounded sample of the run's text for training a new tokenizer."""
+        split = "train" if self.store.exists(self.dataset, "train") else "annotated"
+        budget = TOKENIZER_SAMPLE_BYTES
+        for document in self.store.documents(self.dataset, split):
+            text = (
+                document if isinstance(document, str) else "\n".join(m["content"] for m in document)
+            )
+            yield text
+            budget -= len(text)
+            if budget <= 0:
+                return
+
+    def _tokenizer_and_config(self) -> _Built:
         checkpoint = self.checkpoints.load_latest()
         settings = self.settings
         if checkpoint is not None:
@@ -157,21 +235,23 @@ class ServerRuntime:
                         f"{saved.get(key)!r} but this start asks for {getattr(settings, key)!r}; "
                         f"use the same {key} to resume, or a new --data-dir to start afresh"
                     )
+            template = checkpoint.info.get("chat_template")
             return _Built(
                 Tokenizer.from_json(checkpoint.info["tokenizer"]),
                 GPTConfig.from_dict(checkpoint.info["model_config"]),
                 checkpoint,
+                ChatTemplate.from_dict(template) if template else DEFAULT_CHAT_TEMPLATE,
             )
         if settings.model not in PRESETS:
             preset_config(settings.model)  # raises the message that lists the presets
         vocab = settings.vocab_size or PRESETS[settings.model]["vocab_size"]
-        tokenizer = Tokenizer.train(train_texts, vocab_size=vocab)
+        tokenizer = Tokenizer.train(self._tokenizer_texts(), vocab_size=vocab)
         config = preset_config(
             settings.model,
             vocab_size=max(vocab, tokenizer.vocab_size),
             block_size=settings.block_size,
         )
-        return _Built(tokenizer, config, None)
+        return _Built(tokenizer, config, None, DEFAULT_CHAT_TEMPLATE)
 
     def _optimizer_config(self) -> OptimizerConfig:
         s = self.settings
@@ -202,6 +282,7 @@ class ServerRuntime:
         return downlink
 
     def _on_round(self, result: RoundResult) -> None:
+        self.leases.applied(result.update_ids, result.version)
         self.rounds.append(result.record)
         self.evaluator.notify(result.version)
         if result.version % self.settings.checkpoint_every == 0:
@@ -216,6 +297,8 @@ class ServerRuntime:
             "model_config": self.config.to_dict(),
             "settings": {k: getattr(self.settings, k) for k in TRAINING_KEYS},
             "tokenizer": self.tokenizer.to_json(),
+            "chat_template": self.chat_template.to_dict(),
+            "dataset": self.dataset,
             "totals": dict(c.totals),
         }
         residuals = {} if c.downlink is None else dict(c.downlink.residuals)
@@ -240,6 +323,7 @@ class ServerRuntime:
             )
             return
         self.save_checkpoint()
+        self.db.close()
 
     def info(self) -> dict:
         c = self.coordinator
@@ -255,8 +339,10 @@ class ServerRuntime:
             "tokenizer": {
                 "version": self.tokenizer.version,
                 "vocab_size": self.tokenizer.vocab_size,
+                "chat_template": self.chat_template.to_dict(),
             },
-            "corpus": self.corpus_name,
+            "corpus": self.dataset,
+            "data": self.leases.status(),
             "training": {
                 **{k: getattr(self.settings, k) for k in TRAINING_KEYS},
                 **c.strategy.node_instructions(),

@@ -20,6 +20,7 @@ class InfoPublic(BaseModel):
     model: dict[str, Any]
     tokenizer: dict[str, Any]
     corpus: str
+    data: dict[str, Any]
     training: dict[str, Any]
     totals: dict[str, Any]
     pending_updates: int
@@ -53,6 +54,8 @@ class SubmitPublic(BaseModel):
     lineage: str
     queued: int
     max_density: float = 1.0  # the densest update this node should send next
+    # per lease the update finishes: "submitted", or why not (lease_expired, not_your_lease...)
+    leases: dict[str, str] = {}
 
 
 class ErrorPublic(BaseModel):
@@ -63,3 +66,56 @@ class ErrorPublic(BaseModel):
 class HistoryPublic(BaseModel):
     rounds: list[dict[str, Any]]
     evals: list[dict[str, Any]]
+
+
+class ShardPublic(BaseModel):
+    id: int
+    index: int
+    tokens: int
+    sha256: str  # of the token bytes, then the mask bytes
+    dtype: str  # uint16 or uint32, little-endian
+    masked: bool  # a uint8 loss mask of `tokens` bytes follows the token bytes
+
+
+class LeasePublic(BaseModel):
+    lease: str | None  # None: every shard of the open epochs is leased or done
+    shard: ShardPublic | None = None
+    epoch: int | None = None
+    expires_at: float | None = None
+    ttl_s: float
+    retry_after_s: float | None = None
+
+
+class RenewPublic(BaseModel):
+    lease: str
+    expires_at: float
+
+
+class CoveragePublic(BaseModel):
+    epoch: int
+    started_at: float
+    completed_at: float | None
+    shards: int
+    completed: int
+    missing: list[int]
+    duplicates: list[int]
+    leases: dict[str, int]
+    ledger: list[dict[str, Any]]
+
+
+class DatasetPublic(BaseModel):
+    name: str
+    created_at: float
+    splits: list[dict[str, Any]]
+
+
+class ImportPublic(BaseModel):
+    dataset: str
+    split: str
+    changed: bool
+    imported: list[str]
+    skipped: list[str]
+    documents: int
+    duplicates: int
+    bytes: int
+    summary: str

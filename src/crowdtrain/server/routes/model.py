@@ -22,7 +22,7 @@ def _encoding_for(accept_encoding: str | None) -> str:
     return encoding.choose(accept_encoding)
 
 
-def _binary(body: bytes, content_encoding: str, headers: dict[str, str]) -> Response:
+def binary_response(body: bytes, content_encoding: str, headers: dict[str, str]) -> Response:
     if content_encoding != "identity":
         headers = {**headers, "Content-Encoding": content_encoding}
     return Response(content=body, media_type=BINARY, headers={**headers, "Vary": "Accept-Encoding"})
@@ -82,7 +82,7 @@ async def snapshot(
     headers.update(
         {"ETag": f'"{version}-{c.lineage}-{dtype}"', "X-Crowdtrain-Version": str(version)}
     )
-    return _binary(encoded.body, content_encoding, headers)
+    return binary_response(encoded.body, content_encoding, headers)
 
 
 @router.get(
@@ -130,7 +130,7 @@ async def deltas(
         return Response(status_code=204, headers=headers)
     runtime.nodes.transferred(node_id, "deltas", len(result.body), result.raw_bytes)
     headers["X-Crowdtrain-Version"] = str(result.version)
-    return _binary(result.body, content_encoding, headers)
+    return binary_response(result.body, content_encoding, headers)
 
 
 @router.get("/version", response_model=VersionPublic)

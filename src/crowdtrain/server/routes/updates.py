@@ -8,7 +8,7 @@ import anyio
 from fastapi import APIRouter, Header, Request
 
 from crowdtrain.protocol.errors import WireError
-from crowdtrain.protocol.update import decode_update
+from crowdtrain.protocol.update import UpdateMeta, decode_update
 from crowdtrain.server.deps import NodeId, Runtime
 from crowdtrain.server.schemas import ErrorPublic, SubmitPublic
 
@@ -61,6 +61,7 @@ async def submit_update(
     metadata types. 409 when its base version is too old (or from before a server restart)."""
     limits, coordinator = runtime.limits, runtime.coordinator
     body = b""
+    held: dict[str, str] = {}
     try:
         coordinator.reserve(node_id)  # 503 before reading anything when the queue is full
         try:
@@ -68,13 +69,37 @@ async def submit_update(
             update = await anyio.to_thread.run_sync(
                 decode_update, body, content_encoding, runtime.manifest, limits
             )
+            _check_data(runtime, update.meta)
+            if update.meta.lease_ids:  # before queueing: its round may apply at once
+                held = await anyio.to_thread.run_sync(
+                    runtime.leases.hold, update.meta.lease_ids, node_id, update.meta.update_id
+                )
         except BaseException:
             coordinator.release(node_id)
             raise
-        receipt = coordinator.submit(node_id, update, reserved=True)
+        try:
+            receipt = coordinator.submit(node_id, update, reserved=True)
+        except BaseException:
+            if held:
+                await anyio.to_thread.run_sync(runtime.leases.unhold, update.meta.update_id)
+            raise
     except WireError:
         runtime.nodes.refused(node_id, len(body))
         raise
     if not receipt["duplicate"]:
         runtime.nodes.accepted(node_id, update, runtime.manifest.numel)
-    return receipt
+    return {**receipt, "leases": held}
+
+
+def _check_data(runtime: Runtime, meta: UpdateMeta) -> None:
+    if meta.data_source == "local" and not runtime.settings.allow_local_data:
+        raise WireError(
+            422,
+            "local_data_refused",
+            "this server takes only updates computed on its own shards; "
+            "run the node without --data",
+        )
+    if meta.lease_ids and not meta.update_id:
+        raise WireError(
+            422, "bad_metadata", "an update that finishes leases must carry an update_id"
+        )

@@ -1,0 +1,80 @@
+"""The engine and sessions. SQLite (WAL, foreign keys on) in the data directory by default;
+any SQLAlchemy URL (PostgreSQL) by setting."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from sqlalchemy import create_engine, event, select
+from sqlalchemy.engine import Engine
+from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.orm import Session, sessionmaker
+
+from crowdtrain.db.models import SCHEMA_VERSION, Base, Meta
+
+DATABASE_FILE = "crowdtrain.db"
+
+
+class DatabaseError(RuntimeError):
+    """The database cannot be used as it is (a newer schema, a broken file)."""
+
+
+def _sqlite_pragmas(connection, _record) -> None:
+    cursor = connection.cursor()
+    cursor.execute("PRAGMA foreign_keys=ON")
+    cursor.execute("PRAGMA journal_mode=WAL")  # readers never wait for the writer
+    cursor.execute("PRAGMA synchronous=FULL")  # a committed transaction survives a power cut
+    cursor.execute("PRAGMA busy_timeout=30000")  # a second process waits for the write lock
+    cursor.close()
+
+
+class Database:
+    def __init__(self, url: str):
+        self.url = url
+        sqlite = url.startswith("sqlite")
+        self.engine: Engine = create_engine(
+            url,
+            connect_args={"check_same_thread": False, "timeout": 30} if sqlite else {},
+        )
+        if sqlite:
+            event.listen(self.engine, "connect", _sqlite_pragmas)
+        self._sessions = sessionmaker(self.engine, expire_on_commit=False)
+        try:
+            Base.metadata.create_all(self.engine)
+            self._check_schema()
+        except SQLAlchemyError as error:
+            raise DatabaseError(f"cannot open the database {self.describe()}: {error}") from None
+
+    @classmethod
+    def in_directory(cls, data_dir: Path) -> Database:
+        data_dir = Path(data_dir)
+        data_dir.mkdir(parents=True, exist_ok=True)
+        return cls(f"sqlite:///{(data_dir / DATABASE_FILE).resolve()}")
+
+    def describe(self) -> str:
+        return self.engine.url.render_as_string(hide_password=True)
+
+    def _check_schema(self) -> None:
+        with self.transaction() as session:
+            row = session.scalar(select(Meta).where(Meta.key == "schema_version"))
+            if row is None:
+                session.add(Meta(key="schema_version", value=str(SCHEMA_VERSION)))
+            elif int(row.value) > SCHEMA_VERSION:
+                raise DatabaseError(
+                    f"the database {self.describe()} has schema version {row.value}, newer "
+                    f"than this crowdtrain's {SCHEMA_VERSION}; upgrade crowdtrain"
+                )
+
+    def session(self) -> Session:
+        return self._sessions()
+
+    @contextmanager
+    def transaction(self) -> Iterator[Session]:
+        """A session whose work is committed together at the end, or not at all."""
+        with self._sessions() as session, session.begin():
+            yield session
+
+    def close(self) -> None:
+        self.engine.dispose()

@@ -1,0 +1,226 @@
+"""Where a node's batches come from: shards leased from the server, or its own files.
+
+`ShardFeed` leases a shard, downloads it (or takes it from the cache, verified by sha256),
+reads it front to back, and renews the lease from a background thread while it works. The
+lease of a shard whose last batch went into an update is handed to that update
+(`take_finished`), which tells the server to count the shard as done once the update is
+applied. A lease the server says is lost (it expired) is dropped: that shard is someone
+else's now.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from crowdtrain.data.batches import SequentialBatches
+from crowdtrain.files import write_atomic
+from crowdtrain.node.client import CoordinatorClient, Refused, Stopped
+
+log = logging.getLogger(__name__)
+
+Batch = tuple[torch.Tensor, torch.Tensor]
+
+
+def default_cache_dir() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "crowdtrain"
+
+
+class ShardCache:
+    """Downloaded shards by sha256, at most `max_bytes` of them (the oldest go first)."""
+
+    def __init__(self, directory: Path, max_bytes: int):
+        self.directory = Path(directory) / "shards"
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self.max_bytes = max_bytes
+
+    def path(self, sha256: str) -> Path:
+        return self.directory / f"{sha256}.bin"
+
+    def get(self, sha256: str) -> Path | None:
+        """The cached file, if present and still intact."""
+        path = self.path(sha256)
+        if not path.exists():
+            return None
+        if _sha256_file(path) != sha256:
+            log.warning("cached shard %s is corrupt; downloading it again", path.name)
+            path.unlink(missing_ok=True)
+            return None
+        os.utime(path)  # recently used: evicted last
+        return path
+
+    def put(self, sha256: str, data: bytes) -> Path:
+        path = self.path(sha256)
+        write_atomic(path, data)
+        self._evict(keep=path)
+        return path
+
+    def _evict(self, keep: Path) -> None:
+        files = sorted(self.directory.glob("*.bin"), key=lambda p: p.stat().st_mtime)
+        total = sum(p.stat().st_size for p in files)
+        for path in files:
+            if total <= self.max_bytes:
+                break
+            if path != keep:
+                total -= path.stat().st_size
+                path.unlink(missing_ok=True)
+
+
+class ShardFeed:
+    """Batches from leased shards, with the `next()` of a sampler."""
+
+    def __init__(
+        self,
+        client: CoordinatorClient,
+        cache: ShardCache,
+        batch_size: int,
+        block_size: int,
+        should_stop: Callable[[], bool],
+    ):
+        self.client = client
+        self.cache = cache
+        self.batch_size = batch_size
+        self.block_size = block_size
+        self.should_stop = should_stop
+        self._lock = threading.Lock()
+        self._held: dict[str, float] = {}  # lease id -> when to renew it next
+        self._lost: set[str] = set()
+        self._finished: list[str] = []  # read to the end, not yet in an accepted update
+        self._reading: str | None = None
+        self._reader: SequentialBatches | None = None
+        self.shards_read = 0
+        self.epoch: int | None = None
+        self._stop = threading.Event()
+        self._renewer = threading.Thread(target=self._renew_loop, name="leases", daemon=True)
+        self._renewer.start()
+
+    # ---- the sampler --------------------------------------------------------------------
+
+    def next(self) -> Batch:
+        while True:
+            if self._reader is not None and self._reading in self._lost:
+                log.warning("lease %s was lost; leaving its shard", self._reading)
+                self._reader = self._reading = None
+            if self._reader is None:
+                self._open_next()
+            batch = self._reader.next()
+            if batch is not None:
+                return batch
+            with self._lock:
+                self._finished.append(self._reading)
+            self.shards_read += 1
+            self._reader = self._reading = None
+
+    def _open_next(self) -> None:
+        while True:
+            offer = self.client.lease()
+            if offer["lease"] is not None:
+                break
+            wait = float(offer.get("retry_after_s") or 5.0)
+            log.info("no shard free right now; asking again in %.0f s", wait)
+            end = time.monotonic() + wait
+            while time.monotonic() < end:
+                if self.should_stop():
+                    raise Stopped()
+                time.sleep(0.1)
+        lease, shard = offer["lease"], offer["shard"]
+        with self._lock:
+            self._held[lease] = time.monotonic() + offer["ttl_s"] / 3
+        tokens, mask = self._load(shard)
+        self._reading, self.epoch = lease, offer["epoch"]
+        self._reader = SequentialBatches(tokens, self.batch_size, self.block_size, mask=mask)
+
+    def _load(self, shard: dict) -> tuple[np.ndarray, np.ndarray | None]:
+        dtype = np.dtype(shard["dtype"]).newbyteorder("<")
+        count = int(shard["tokens"])
+        size = count * dtype.itemsize + (count if shard["masked"] else 0)
+        path = self.cache.get(shard["sha256"])
+        if path is None:
+            data = self.client.shard(shard["id"])
+            if len(data) != size or hashlib.sha256(data).hexdigest() != shard["sha256"]:
+                raise RuntimeError(
+                    f"shard {shard['id']} from the server does not match its sha256 "
+                    f"({len(data)} bytes, expected {size}); the download was corrupted"
+                )
+            path = self.cache.put(shard["sha256"], data)
+        tokens = np.memmap(path, dtype=dtype, mode="r", shape=(count,))
+        mask = None
+        if shard["masked"]:
+            mask = np.memmap(path, dtype=np.uint8, mode="r", offset=count * dtype.itemsize)
+        return tokens, mask
+
+    # ---- what the update carries --------------------------------------------------------
+
+    def take_finished(self) -> list[str]:
+        """Leases whose shards were read to the end: they go into the next update."""
+        with self._lock:
+            finished, self._finished = self._finished, []
+            return finished
+
+    def settled(self, answers: dict[str, str]) -> None:
+        """The server's answer per lease of an accepted update: done with them either way
+        ("submitted": it counts once its round is applied; otherwise the lease was lost)."""
+        with self._lock:
+            for lease, answer in answers.items():
+                self._held.pop(lease, None)
+                if answer != "submitted":
+                    log.warning("shard lease %s was not counted: %s", lease, answer)
+
+    def give_back(self, leases: list[str]) -> None:
+        """The update was refused: the next one carries these leases instead."""
+        with self._lock:
+            self._finished = [lease for lease in leases if lease not in self._lost] + self._finished
+
+    def close(self) -> None:
+        """Stop renewing; hand back the shard being read (finished ones just expire)."""
+        self._stop.set()
+        # joined, not left running: a daemon thread writing to stderr while the interpreter
+        # shuts down aborts the process
+        self._renewer.join(timeout=30)
+        reading = self._reading
+        if reading is not None and reading not in self._lost:
+            self.client.release(reading)
+
+    # ---- renewal ------------------------------------------------------------------------
+
+    def _renew_loop(self) -> None:
+        while not self._stop.wait(0.5):
+            now = time.monotonic()
+            with self._lock:
+                due = [lease for lease, at in self._held.items() if at <= now]
+            for lease in due:
+                try:
+                    expires_at = self.client.renew(lease)
+                except Refused as error:
+                    log.warning("lease %s: %s", lease, error)
+                    with self._lock:
+                        self._held.pop(lease, None)
+                        self._lost.add(lease)
+                        self._finished = [x for x in self._finished if x != lease]
+                    continue
+                except Stopped:
+                    return
+                except Exception:  # the server may be restarting; the next turn retries
+                    log.exception("renewing lease %s failed", lease)
+                    continue
+                with self._lock:
+                    if lease in self._held:
+                        ttl = max(1.0, expires_at - time.time())
+                        self._held[lease] = time.monotonic() + ttl / 3
+
+
+def _sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while chunk := handle.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
