@@ -156,11 +156,16 @@ def wait_for_eval(url: str, version: int, timeout: float) -> float | None:
 def status_table(info: dict, history: dict, remaining: float) -> Table:
     """One compact row (fits 80 columns): where training stands now."""
     table = Table(box=box.SIMPLE_HEAD, title="crowdtrain demo", title_justify="left")
-    for column in ("version", "train", "valid", "nodes", "tokens", "tok/s", "sent", "left"):
+    columns = ("version", "train", "valid", "epoch", "nodes", "tokens", "tok/s", "sent", "left")
+    for column in columns:
         table.add_column(column, justify="right")
     rounds, evals = history["rounds"], history["evals"]
     train = f"{rounds[-1]['train_loss']:.3f}" if rounds else "-"
     valid = f"{evals[-1]['valid_loss']:.3f}" if evals else "-"
+    data = info.get("data", {})
+    epoch = "-"
+    if data.get("epoch") is not None:  # the epoch under way and its completed shards
+        epoch = f"{data['epoch']} {data['epoch_completed_shards']}/{data['shards']}"
     rate = "-"
     recent = [r for r in rounds if r["time"] > time.time() - 10]
     if len(recent) >= 2:
@@ -170,6 +175,7 @@ def status_table(info: dict, history: dict, remaining: float) -> Table:
         str(info["version"]),
         train,
         valid,
+        epoch,
         str(info["connected_nodes"]),
         f"{info['totals'].get('tokens', 0):,}",
         rate,
@@ -221,7 +227,9 @@ def run_demo(options: DemoOptions, console: Console) -> int:
             raise RuntimeError("the server did not score the untrained model within 120 s")
         console.print(f"validation loss of the untrained model: {before:.3f}")
         for i in range(options.nodes):
-            swarm.start_node(i, url, options.density, threads)
+            # the nodes share one shard cache, inside the demo's folder (not ~/.cache)
+            cache = {"CROWDTRAIN_NODE_CACHE_DIR": str(data_dir / "node-cache")}
+            swarm.start_node(i, url, options.density, threads, env=cache)
         console.print(
             f"started {options.nodes} trainer nodes; training for "
             f"{options.duration_s:.0f} s (Ctrl-C stops early) ..."

@@ -30,6 +30,7 @@ class E2E:
 
     def start_nodes(self, count: int, *args: str, density: float | None = 0.25, **env: str) -> None:
         """Node processes; `env` sets CROWDTRAIN_NODE_* settings (density_warmup="0", ...)."""
+        env = {"cache_dir": str(self.root / "node-cache"), **env}  # not the user's ~/.cache
         node_env = {f"CROWDTRAIN_NODE_{k.upper()}": str(v) for k, v in env.items()}
         for _ in range(count):
             self.swarm.start_node(len(self.swarm.nodes), self.url, density, 1, args, node_env)

@@ -319,13 +319,14 @@ class LeaseBook:
                     .select_from(Completion)
                     .where(Completion.epoch_id == current.id)
                 )
+            number = current.number if current is not None else len(epochs)  # next to open
             return {
                 "dataset": self.tokenization.dataset,
                 "split": self.tokenization.split,
                 "shards": len(self.shards),
                 "tokens": self.tokenization.tokens,
                 "lease_ttl_s": self.ttl_s,
-                "epoch": None if current is None else current.number,
+                "epoch": number,
                 "epoch_completed_shards": done,
                 "completed_epochs": sum(e.completed_at is not None for e in epochs),
                 "active_leases": active,
@@ -353,6 +354,11 @@ class LeaseBook:
                 .where(Lease.epoch_id == epoch.id)
                 .group_by(Lease.state)
             ).all()
+            holders = session.scalars(
+                select(Lease)
+                .where(Lease.epoch_id == epoch.id, Lease.state.in_(HELD))
+                .order_by(Lease.issued_at)
+            ).all()
             return {
                 "epoch": number,
                 "started_at": epoch.started_at,
@@ -362,6 +368,16 @@ class LeaseBook:
                 "missing": sorted(self.shards[s].index for s in self.shards if s not in counts),
                 "duplicates": sorted(self.shards[s].index for s, n in counts.items() if n > 1),
                 "leases": dict(leases),
+                "held": [
+                    {
+                        "shard": self.shards[lease.shard_id].index,
+                        "lease": lease.id,
+                        "node": lease.node,
+                        "state": lease.state,
+                        "expires_at": lease.expires_at,
+                    }
+                    for lease in holders
+                ],
                 "ledger": [
                     {
                         "shard": self.shards[row.shard_id].index,

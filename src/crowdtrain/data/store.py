@@ -12,6 +12,7 @@ file is written (temp, fsync, rename) before the one transaction that records it
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
@@ -192,8 +193,10 @@ class DataStore:
         hashed = [(source, source_sha256(source)) for source in sources]
         known = self._imported_hashes(dataset, split)
         fresh = [(s, h) for s, h in hashed if h not in known]
+        if label is not None and len(hashed) != 1:
+            label = None  # a label names a single-file source only
         report = ImportReport(
-            dataset, split, skipped=[str(s.path) for s, h in hashed if h in known]
+            dataset, split, skipped=[label or str(s.path) for s, h in hashed if h in known]
         )
         # the same content twice in one import (copies in two folders) counts once
         unique: dict[str, SourceFile] = {}
@@ -214,8 +217,6 @@ class DataStore:
                 if progress is not None and source.size > read:
                     progress(source.size - read)
 
-        if label is not None and len(unique) != 1:
-            label = None
         return self._import(dataset, split, list(unique.items()), documents(), report, label)
 
     def import_documents(
@@ -250,6 +251,9 @@ class DataStore:
     ) -> ImportReport:
         dataset_id = self._dataset_id(dataset)
         parts_dir = self.root / dataset / split / "parts"
+        created = [
+            d for d in (parts_dir, parts_dir.parent, parts_dir.parent.parent) if not d.exists()
+        ]
         parts_dir.mkdir(parents=True, exist_ok=True)
         per_source = [{"documents": 0, "duplicates": 0, "part": ""} for _ in sources]
         seen: dict[bytes, None] = {}  # insertion-ordered: the hashes this import adds
@@ -292,6 +296,9 @@ class DataStore:
         except BaseException:
             for writer in writers.values():
                 writer.discard()
+            for directory in created:  # innermost first; only the ones this import made
+                with contextlib.suppress(OSError):
+                    directory.rmdir()
             raise
         report.imported = [label or str(s.path) for _, s in sources]
         return report

@@ -97,6 +97,7 @@ class ShardFeed:
         self._finished: list[str] = []  # read to the end, not yet in an accepted update
         self._reading: str | None = None
         self._reader: SequentialBatches | None = None
+        self._pending: tuple[str, torch.Tensor, torch.Tensor] | None = None  # rows not yet used
         self.shards_read = 0
         self.epoch: int | None = None
         self._stop = threading.Event()
@@ -106,6 +107,24 @@ class ShardFeed:
     # ---- the sampler --------------------------------------------------------------------
 
     def next(self) -> Batch:
+        """A full batch of `batch_size` rows; the rows of a shard's short last batch are
+        topped up from the next shard, so every step weighs the same."""
+        xs, ys, rows = [], [], 0
+        while rows < self.batch_size:
+            if self._pending is None or self._pending[0] in self._lost:
+                self._pending = self._next_from_a_shard()
+            lease, x, y = self._pending
+            need = self.batch_size - rows
+            xs.append(x[:need])
+            ys.append(y[:need])
+            rows += min(need, len(x))
+            self._pending = None if len(x) <= need else (lease, x[need:], y[need:])
+        if len(xs) == 1:
+            return xs[0], ys[0]
+        return torch.cat(xs), torch.cat(ys)
+
+    def _next_from_a_shard(self) -> tuple[str, torch.Tensor, torch.Tensor]:
+        """The next batch of the shard being read (and the lease it is read under)."""
         while True:
             if self._reader is not None and self._reading in self._lost:
                 log.warning("lease %s was lost; leaving its shard", self._reading)
@@ -114,7 +133,7 @@ class ShardFeed:
                 self._open_next()
             batch = self._reader.next()
             if batch is not None:
-                return batch
+                return (self._reading, *batch)
             with self._lock:
                 self._finished.append(self._reading)
             self.shards_read += 1

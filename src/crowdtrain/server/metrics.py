@@ -84,7 +84,9 @@ class EvaluationLog:
                 if not session.scalar(select(func.count()).select_from(Evaluation)):
                     for record in HistoryLog(legacy).records:
                         session.add(self._row({"dataset": "", "sample_tokens": 0, **record}))
-            legacy.rename(legacy.with_suffix(".jsonl.imported"))
+            kept = legacy.with_suffix(".jsonl.imported")
+            if not kept.exists():  # the first takeover's copy stays; a later file stays put
+                legacy.rename(kept)
 
     @staticmethod
     def _row(record: dict[str, Any]) -> Evaluation:

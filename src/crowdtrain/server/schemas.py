@@ -99,7 +99,8 @@ class CoveragePublic(BaseModel):
     completed: int
     missing: list[int]
     duplicates: list[int]
-    leases: dict[str, int]
+    leases: dict[str, int]  # leases of the epoch by state
+    held: list[dict[str, Any]]  # the shards being trained on now: lease, node, expiry
     ledger: list[dict[str, Any]]
 
 
