@@ -196,8 +196,9 @@ def node(
     ),
     data: Path | None = typer.Option(
         None,
-        help="Train on your own files (a file or a folder of .txt, .md, .jsonl, .csv, .parquet) "
-        "instead of the shards the server leases, where the server allows it.",
+        help="Train on your own files (a file or a folder of .txt, .md, .jsonl, .json, .csv, "
+        ".parquet, or a saved Hugging Face dataset) instead of the shards the server leases, "
+        "where the server allows it.",
     ),
     max_updates: int | None = typer.Option(None, help="Stop after this many updates."),
     duration: float | None = typer.Option(None, help="Stop after this many seconds."),

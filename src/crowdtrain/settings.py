@@ -223,13 +223,14 @@ class NodeSettings(_Settings):
     data: Path | None = Field(
         None,
         description="train on these local files (a file or a directory of .txt, .md, .jsonl, "
-        ".csv, .parquet) instead of the server's shards, if the server allows it",
+        ".json, .csv, .parquet, or a saved Hugging Face dataset) instead of the server's "
+        "shards, if the server allows it",
     )
     cache_dir: Path | None = Field(
         None, description="where downloaded shards are kept; default ~/.cache/crowdtrain"
     )
     shard_cache_mb: float = Field(
-        1024, gt=0, description="downloaded shards kept at most; the oldest go first"
+        1024, gt=0, description="MiB of downloaded shards kept at most; the oldest go first"
     )
     seed: int | None = Field(None, description="data-sampling seed; default from the name")
     max_updates: int | None = Field(None, ge=1, description="stop after this many updates")

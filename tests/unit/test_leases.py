@@ -291,3 +291,23 @@ def test_a_restart_returns_submitted_leases_to_the_pool(book, setup, clock):
     again = restarted.acquire("node-c")
     assert (again.shard.id, again.epoch) == (submitted.shard.id, 0)
     assert restarted.coverage(0)["leases"] == {"returned": 1, "active": 2}
+
+
+def test_a_resume_from_an_older_version_voids_later_completions(book, setup, clock):
+    _, info = setup
+    grants = [book.acquire("node-a") for _ in info.shards]
+    for version, grant in enumerate(grants, start=1):
+        complete(book, grant, "node-a", f"update-{version}", version)
+    assert book.coverage(0)["completed_at"] is not None
+
+    # the server resumed from a checkpoint at version 2: versions 3.. are gone from the weights
+    assert book.rollback_after(2) == len(grants) - 2
+    coverage = book.coverage(0)
+    assert coverage["completed_at"] is None
+    assert sorted(e["version"] for e in coverage["ledger"]) == [1, 2]
+    voided = sorted(g.shard.index for g in grants[2:])
+    assert coverage["missing"] == voided
+    assert book.status()["epoch"] == 0
+    reissued = {book.acquire("node-b").shard.index for _ in voided}
+    assert reissued == set(voided)  # owed again, in the same epoch
+    assert book.rollback_after(2) == 0

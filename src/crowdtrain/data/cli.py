@@ -190,6 +190,11 @@ def show(
 def remove(
     name: str = typer.Argument(..., help="The dataset's name."),
     yes: bool = typer.Option(False, "--yes", "-y", help="Do not ask for confirmation."),
+    force: bool = typer.Option(
+        False,
+        "--force",
+        help="Remove it even though an epoch is under way (stop the server training on it first).",
+    ),
     data_dir: Path | None = typer.Option(None, "--data-dir", help=DATA_DIR_HELP),
     config: Path | None = typer.Option(None, "--config", help=CONFIG_HELP),
 ) -> None:
@@ -201,7 +206,7 @@ def remove(
     if not yes and not typer.confirm(f"remove dataset {name!r} and all its files?"):
         raise typer.Exit(1)
     try:
-        store.remove(name)
+        store.remove(name, force=force)
     except StoreError as error:
         fail(str(error), code=1)
     console.print(f"removed dataset {name!r}", highlight=False)

@@ -91,6 +91,29 @@ class LeaseBook:
                     lost,
                 )
 
+    def rollback_after(self, version: int) -> int:
+        """The server resumed at `version`: completions by updates applied after it are void
+        (the weights no longer hold them), so their shards go back to the pool and their
+        epochs reopen. Returns how many were voided."""
+        with self._lock, self.db.transaction() as session:
+            void = session.scalars(
+                select(Completion).where(
+                    Completion.epoch_id.in_(self._epoch_ids(session)), Completion.version > version
+                )
+            ).all()
+            now = self.clock()
+            for completion in void:
+                lease = session.get(Lease, completion.lease_id)
+                lease.state, lease.ended_at = "returned", now
+                epoch = session.get(Epoch, completion.epoch_id)
+                epoch.completed_at = None
+                session.delete(completion)
+        if void:
+            log.warning(
+                "%d shard(s) completed after version %d go back to the pool", len(void), version
+            )
+        return len(void)
+
     # ---- helpers ------------------------------------------------------------------------
 
     def _epoch_ids(self, session: Session):

@@ -456,8 +456,10 @@ class DataStore:
         known = ", ".join(names) if names else "none yet: import one with `crowdtrain data import`"
         return f"no dataset named {dataset!r}; datasets: {known}"
 
-    def remove(self, dataset: str) -> None:
-        """Delete a dataset, its files and its ledger. Refused while a node holds a lease on it."""
+    def remove(self, dataset: str, force: bool = False) -> None:
+        """Delete a dataset, its files and its ledger. Refused while a node holds a lease on
+        it, and (unless `force`) while one of its epochs is under way: a server may be
+        training on it."""
         check_dataset_name(dataset)
         with self.db.transaction() as session:
             row = session.scalar(select(Dataset).where(Dataset.name == dataset))
@@ -475,6 +477,18 @@ class DataStore:
                 raise StoreError(
                     f"dataset {dataset!r} is being trained on (lease {held} is held); stop the "
                     "server or wait for the leases to end, then remove it"
+                )
+            open_epoch = session.scalar(
+                select(Epoch.number)
+                .join(Tokenization)
+                .join(Split)
+                .where(Split.dataset_id == row.id, Epoch.completed_at.is_(None))
+                .limit(1)
+            )
+            if open_epoch is not None and not force:
+                raise StoreError(
+                    f"dataset {dataset!r} has epoch {open_epoch} under way: a server may be "
+                    "training on it. Stop that server first, then remove it with --force"
                 )
             session.delete(row)
         self._remove_tree(self.root / dataset)

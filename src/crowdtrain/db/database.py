@@ -7,14 +7,17 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from sqlalchemy import create_engine, event, select
+from alembic import command
+from alembic.config import Config
+from alembic.runtime.migration import MigrationContext
+from alembic.script import ScriptDirectory
+from sqlalchemy import create_engine, event
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
-from crowdtrain.db.models import SCHEMA_VERSION, Base, Meta
-
 DATABASE_FILE = "crowdtrain.db"
+MIGRATIONS = Path(__file__).parent / "migrations"
 
 
 class DatabaseError(RuntimeError):
@@ -42,8 +45,7 @@ class Database:
             event.listen(self.engine, "connect", _sqlite_pragmas)
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
         try:
-            Base.metadata.create_all(self.engine)
-            self._check_schema()
+            self._migrate()
         except SQLAlchemyError as error:
             raise DatabaseError(f"cannot open the database {self.describe()}: {error}") from None
 
@@ -56,16 +58,22 @@ class Database:
     def describe(self) -> str:
         return self.engine.url.render_as_string(hide_password=True)
 
-    def _check_schema(self) -> None:
-        with self.transaction() as session:
-            row = session.scalar(select(Meta).where(Meta.key == "schema_version"))
-            if row is None:
-                session.add(Meta(key="schema_version", value=str(SCHEMA_VERSION)))
-            elif int(row.value) > SCHEMA_VERSION:
+    def _migrate(self) -> None:
+        """Bring the schema to this crowdtrain's newest revision (creating it in a new
+        database); refuse a database written by a newer crowdtrain."""
+        config = alembic_config()
+        script = ScriptDirectory.from_config(config)
+        with self.engine.begin() as connection:
+            current = MigrationContext.configure(connection).get_current_revision()
+            if current is not None and current not in {r.revision for r in script.walk_revisions()}:
                 raise DatabaseError(
-                    f"the database {self.describe()} has schema version {row.value}, newer "
-                    f"than this crowdtrain's {SCHEMA_VERSION}; upgrade crowdtrain"
+                    f"the database {self.describe()} has schema revision {current}, which this "
+                    f"crowdtrain does not know (it knows up to {script.get_current_head()}); "
+                    "it was written by a newer crowdtrain: upgrade crowdtrain"
                 )
+            if current != script.get_current_head():
+                config.attributes["connection"] = connection
+                command.upgrade(config, "head")
 
     def session(self) -> Session:
         return self._sessions()
@@ -78,3 +86,10 @@ class Database:
 
     def close(self) -> None:
         self.engine.dispose()
+
+
+def alembic_config() -> Config:
+    """Alembic's configuration without an ini file: the migrations ship inside the package."""
+    config = Config()
+    config.set_main_option("script_location", str(MIGRATIONS))
+    return config

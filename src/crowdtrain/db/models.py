@@ -13,25 +13,26 @@ from sqlalchemy import (
     ForeignKey,
     Integer,
     LargeBinary,
+    MetaData,
     String,
     UniqueConstraint,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
-# times are Unix seconds (float): SQLite keeps no time zones
-SCHEMA_VERSION = 1  # bump with a migration step in database.py when a table changes
+# Times are Unix seconds (float): SQLite keeps no time zones. A change to any table needs a
+# migration in db/migrations/versions (docs/data.md says how to generate one).
 
 
 class Base(DeclarativeBase):
-    pass
-
-
-class Meta(Base):
-    """Key-value facts about the database itself (its schema version)."""
-
-    __tablename__ = "meta"
-    key: Mapped[str] = mapped_column(String(64), primary_key=True)
-    value: Mapped[str] = mapped_column(String(256))
+    # named constraints, so that later migrations can alter them (SQLite batch mode)
+    metadata = MetaData(
+        naming_convention={
+            "ix": "ix_%(column_0_label)s",
+            "uq": "uq_%(table_name)s_%(column_0_name)s",
+            "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+            "pk": "pk_%(table_name)s",
+        }
+    )
 
 
 class Dataset(Base):

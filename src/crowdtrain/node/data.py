@@ -28,6 +28,7 @@ from crowdtrain.node.client import CoordinatorClient, Refused, Stopped
 log = logging.getLogger(__name__)
 
 Batch = tuple[torch.Tensor, torch.Tensor]
+DOWNLOAD_ATTEMPTS = 3  # a shard that fails its sha256 check is fetched again this often
 
 
 def default_cache_dir() -> Path:
@@ -163,14 +164,25 @@ class ShardFeed:
         count = int(shard["tokens"])
         size = count * dtype.itemsize + (count if shard["masked"] else 0)
         path = self.cache.get(shard["sha256"])
-        if path is None:
+        for attempt in range(DOWNLOAD_ATTEMPTS if path is None else 0):
             data = self.client.shard(shard["id"])
-            if len(data) != size or hashlib.sha256(data).hexdigest() != shard["sha256"]:
-                raise RuntimeError(
-                    f"shard {shard['id']} from the server does not match its sha256 "
-                    f"({len(data)} bytes, expected {size}); the download was corrupted"
-                )
-            path = self.cache.put(shard["sha256"], data)
+            if len(data) == size and hashlib.sha256(data).hexdigest() == shard["sha256"]:
+                path = self.cache.put(shard["sha256"], data)
+                break
+            log.warning(
+                "shard %s arrived corrupted (%d bytes, expected %d, or a wrong sha256); "
+                "download %d of %d",
+                shard["id"],
+                len(data),
+                size,
+                attempt + 1,
+                DOWNLOAD_ATTEMPTS,
+            )
+        if path is None:
+            raise RuntimeError(
+                f"shard {shard['id']} failed its sha256 check {DOWNLOAD_ATTEMPTS} times; "
+                "something between this node and the server alters downloads"
+            )
         tokens = np.memmap(path, dtype=dtype, mode="r", shape=(count,))
         mask = None
         if shard["masked"]:

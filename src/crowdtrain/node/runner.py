@@ -177,7 +177,9 @@ class Node:
         s = self.settings
         if s.data is None:
             self.data_source = "server"
-            cache = ShardCache(s.cache_dir or default_cache_dir(), int(s.shard_cache_mb * 1e6))
+            cache = ShardCache(
+                s.cache_dir or default_cache_dir(), int(s.shard_cache_mb * (1 << 20))
+            )
             self.feed = ShardFeed(
                 self.client, cache, s.batch_size, self.config.block_size, self._should_stop
             )

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import logging
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from crowdtrain import __version__
@@ -62,7 +64,7 @@ TRAINING_KEYS = (
     "lease_ttl_s",
 )
 DEFAULT_DATASET = "pydoc-topics"  # the embedded corpus, imported at first start
-TOKENIZER_SAMPLE_BYTES = 64 << 20  # a new tokenizer learns from at most this much train text
+TOKENIZER_SAMPLE_CHARS = 64 << 20  # a new tokenizer learns from at most this much train text
 EVAL_TOKENS = 1 << 22  # the Evaluator samples its fixed windows from the first this many
 
 
@@ -88,8 +90,11 @@ class ServerRuntime:
             else Database.in_directory(self.data_dir)
         )
         self.store = DataStore(self.data_dir, self.db)
-        self.dataset = self._dataset()
-        built = self._tokenizer_and_config()
+        # an upload interrupted by the last stop left its temp folder; nothing else writes here
+        shutil.rmtree(self.data_dir / "uploads", ignore_errors=True)
+        checkpoint = self.checkpoints.load_latest()
+        self.dataset = self._dataset(checkpoint)
+        built = self._tokenizer_and_config(checkpoint)
         self.tokenizer, self.config = built.tokenizer, built.config
         self.chat_template = built.chat_template
         self.tokenizer.save(self.data_dir / "tokenizer.json")
@@ -150,9 +155,11 @@ class ServerRuntime:
         self.evals = EvaluationLog(self.db, self.data_dir / "evals.jsonl")
         self.rounds.truncate_after(version)
         self.evals.truncate_after(version)
+        # shards completed by updates the checkpoint does not hold are owed again
+        self.leases.rollback_after(version)
         self.evaluator = Evaluator(
             self.config,
-            self.store.tokens(valid, limit=EVAL_TOKENS),
+            self.store.tokens(valid, limit=EVAL_TOKENS) if valid else np.empty(0, np.uint16),
             self.coordinator.snapshot,
             self.evals,
             dataset=self.dataset,
@@ -165,9 +172,12 @@ class ServerRuntime:
         if built.checkpoint is None:
             self.save_checkpoint()
 
-    def _dataset(self) -> str:
-        """The dataset this run trains on; the embedded corpus is imported on first use."""
+    def _dataset(self, checkpoint: Checkpoint | None) -> str:
+        """The dataset this run trains on: the setting, else the one the resumed run trained
+        on, else the embedded corpus (imported on first use)."""
         name = self.settings.dataset
+        if name is None and checkpoint is not None:
+            name = checkpoint.info.get("dataset")
         if name is not None:
             if not self.store.exists(name):
                 raise SettingsError(f"--dataset: {self.store.unknown_message(name)}")
@@ -194,12 +204,15 @@ class ServerRuntime:
                     template=self.chat_template,
                     progress=progress,
                 )
-            with byte_progress(f"tokenizing {self.dataset}/valid", None) as progress:
-                valid = self.store.tokenized(
-                    self.dataset, "valid", self.tokenizer, s.shard_tokens, progress=progress
-                )
+            valid = None
+            if s.evaluate or self.store.exists(self.dataset, "valid"):
+                with byte_progress(f"tokenizing {self.dataset}/valid", None) as progress:
+                    valid = self.store.tokenized(
+                        self.dataset, "valid", self.tokenizer, s.shard_tokens, progress=progress
+                    )
         except StoreError as error:
-            raise SettingsError(str(error)) from None
+            hint = "; or run without the Evaluator (evaluate = false)" if s.evaluate else ""
+            raise SettingsError(f"{error}{hint}") from None
         if s.evaluate and valid.tokens < self.config.block_size + 1:
             raise SettingsError(
                 f"the valid split of {self.dataset!r} has {valid.tokens} tokens, fewer than "
@@ -207,13 +220,14 @@ class ServerRuntime:
                 "validation text or set evaluate = false"
             )
         for info in (train, valid):
-            self.store.delete_stale_tokenizations(info)
+            if info is not None:
+                self.store.delete_stale_tokenizations(info)
         return train, valid
 
     def _tokenizer_texts(self):
         """A bounded sample of the run's text for training a new tokenizer."""
         split = "train" if self.store.exists(self.dataset, "train") else "annotated"
-        budget = TOKENIZER_SAMPLE_BYTES
+        budget = TOKENIZER_SAMPLE_CHARS
         for document in self.store.documents(self.dataset, split):
             text = (
                 document if isinstance(document, str) else "\n".join(m["content"] for m in document)
@@ -223,8 +237,7 @@ class ServerRuntime:
             if budget <= 0:
                 return
 
-    def _tokenizer_and_config(self) -> _Built:
-        checkpoint = self.checkpoints.load_latest()
+    def _tokenizer_and_config(self, checkpoint: Checkpoint | None) -> _Built:
         settings = self.settings
         if checkpoint is not None:
             saved = checkpoint.info.get("settings", {})
