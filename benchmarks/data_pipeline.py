@@ -47,7 +47,8 @@ import zstandard
 from _common import WorkDir, log, machine, ratio, run_benchmark
 from crowdtrain.data.batches import BatchSampler, SequentialBatches
 from crowdtrain.data.importers import ImportOptions, find_sources, read_documents
-from crowdtrain.data.store import ENCODE_BATCH, DataStore, TokenizationInfo, load_shard
+from crowdtrain.data.shards import ENCODE_BATCH, TokenizationInfo, load_shard
+from crowdtrain.data.store import DataStore
 from crowdtrain.model.tokenizer import Tokenizer
 from crowdtrain.protocol import encoding
 from crowdtrain.settings import ServerSettings
@@ -208,16 +209,16 @@ def tokenizer_sample(documents: list[str], megabytes: float) -> list[str]:
 # -------------------------------------------------------------------------------- measuring
 
 
-def alternate(first: Callable[[], float], second: Callable[[], float], repeats: int):
-    """(first seconds, second seconds) per pair, in A-B, B-A, A-B ... order."""
+def alternate(tasks: list[tuple[Callable[[], float], Callable[[], float]]]):
+    """(measured seconds, baseline seconds) per pair of tasks, run A-B, B-A, A-B ..."""
     pairs = []
-    for i in range(repeats):
+    for i, (measured, baseline) in enumerate(tasks):
         if i % 2 == 0:
-            a = first()
-            b = second()
+            a = measured()
+            b = baseline()
         else:
-            b = second()
-            a = first()
+            b = baseline()
+            a = measured()
         pairs.append((a, b))
     return pairs
 
@@ -228,15 +229,17 @@ def timed(function: Callable[[], object]) -> float:
     return time.perf_counter() - started
 
 
-def paired_figures(pairs, amount: float, unit: str) -> dict:
-    """Throughputs (amount / seconds) of both sides, and the ratio of each pair, side / base."""
-    measured = [amount / a for a, _ in pairs]
-    baseline = [amount / b for _, b in pairs]
-    ratios = [m / b for m, b in zip(measured, baseline, strict=True)]
+def paired_figures(pairs, amounts: list[float], unit: str) -> dict:
+    """Both sides' throughput (all amounts over all seconds) and the median of the pairs'
+    ratios measured / baseline throughput (the pairs' baselines ran next to them)."""
+    ratios = [b / a for a, b in pairs]  # same amount on both sides: throughput ratio
+    measured_s = sum(a for a, _ in pairs)
+    baseline_s = sum(b for _, b in pairs)
     return {
-        f"{unit}": round(statistics.median(measured), 2),
-        f"baseline_{unit}": round(statistics.median(baseline), 2),
+        unit: round(sum(amounts) / measured_s, 2),
+        f"baseline_{unit}": round(sum(amounts) / baseline_s, 2),
         "ratio": round(statistics.median(ratios), 4),
+        "ratio_of_totals": ratio(baseline_s, measured_s),
         "pair_ratios": [round(r, 4) for r in ratios],
         "seconds": [round(a, 3) for a, _ in pairs],
         "baseline_seconds": [round(b, 3) for _, b in pairs],
@@ -252,8 +255,8 @@ def read_only(corpus_dir: Path, options: ImportOptions) -> int:
     return count
 
 
-def measure_import(work: Path, corpus: dict, repeats: int) -> tuple[dict, Path]:
-    """import_path into a fresh store each time vs the importers alone; returns the last store."""
+def measure_import(work: Path, corpus: dict, repeats: int) -> dict:
+    """import_path of the whole corpus into a fresh store each time vs the importers alone."""
     options = ImportOptions()
     stores: list[Path] = []
     reports = []
@@ -268,93 +271,101 @@ def measure_import(work: Path, corpus: dict, repeats: int) -> tuple[dict, Path]:
         store.db.close()
         return seconds
 
-    pairs = alternate(
-        store_import, lambda: timed(lambda: read_only(corpus["directory"], options)), repeats
-    )
-    for old in stores[:-1]:
-        shutil.rmtree(old, ignore_errors=True)
-    report = reports[-1]
+    def read() -> float:
+        return timed(lambda: read_only(corpus["directory"], options))
+
+    pairs = alternate([(store_import, read)] * repeats)
     parts = list((stores[-1] / "datasets" / DATASET / SPLIT / "parts").glob("*.zst"))
-    figures = paired_figures(pairs, corpus["bytes"] / MB, "mb_per_s")
+    part_bytes = sum(p.stat().st_size for p in parts)
+    for store in stores:
+        shutil.rmtree(store, ignore_errors=True)
+    report = reports[-1]
+    figures = paired_figures(pairs, [corpus["bytes"] / MB] * repeats, "mb_per_s")
     figures.update(
         documents_added=report.documents,
         duplicates_dropped=report.duplicates,
         part_files=len(parts),
-        part_bytes=sum(p.stat().st_size for p in parts),
-        part_compression_ratio=ratio(report.bytes, sum(p.stat().st_size for p in parts)),
+        part_bytes=part_bytes,
+        part_compression_ratio=ratio(report.bytes, part_bytes),
     )
-    return figures, stores[-1]
+    return figures
 
 
 def measure_tokenization(
-    work: Path, template: Path, tokenizer: Tokenizer, shard_tokens: int, repeats: int
-) -> tuple[dict, TokenizationInfo, Path]:
-    """store.tokenized on a copy of the imported store each time vs encode_batch alone."""
-    store = DataStore(template)
-    documents = list(store.documents(DATASET, SPLIT))
-    store.db.close()
-    copies: list[Path] = []
+    work: Path, corpus: dict, tokenizer: Tokenizer, shard_tokens: int
+) -> tuple[dict, list[TokenizationInfo]]:
+    """store.tokenized vs encode_batch on the same documents, one pair per source file (each
+    imported as its own dataset, not timed): many short pairs drift less than a few long ones."""
+    store = DataStore(work / "tokenize")
+    names = [f"{DATASET}-{i}" for i in range(len(corpus["files"]))]
+    for name, file in zip(names, corpus["files"], strict=True):
+        store.import_path(corpus["directory"] / file, name, SPLIT)
+    documents = {name: list(store.documents(name, SPLIT)) for name in names}
     infos: list[TokenizationInfo] = []
-
-    def store_tokenize() -> float:
-        directory = work / f"tokenize-{len(copies)}"
-        shutil.copytree(template, directory)
-        copies.append(directory)
-        store = DataStore(directory)
-        started = time.perf_counter()
-        infos.append(store.tokenized(DATASET, SPLIT, tokenizer, shard_tokens))
-        seconds = time.perf_counter() - started
-        store.db.close()
-        return seconds
-
     counted: list[int] = []
 
-    def encode_only() -> float:
-        started = time.perf_counter()
-        tokens = 0
-        for start in range(0, len(documents), ENCODE_BATCH):
-            for ids in tokenizer.encode_batch(documents[start : start + ENCODE_BATCH]):
-                tokens += len(ids) + 1  # the shards hold an end-of-text token after each
-        counted.append(tokens)
-        return time.perf_counter() - started
+    def store_tokenize(name: str) -> Callable[[], float]:
+        def tokenize() -> float:
+            started = time.perf_counter()
+            infos.append(store.tokenized(name, SPLIT, tokenizer, shard_tokens))
+            return time.perf_counter() - started
 
-    tokenizer.encode_batch(documents[:ENCODE_BATCH])  # warm-up: thread pool and caches
-    pairs = alternate(store_tokenize, encode_only, repeats)
-    for old in copies[:-1]:
-        shutil.rmtree(old, ignore_errors=True)
-    info = infos[-1]
+        return tokenize
+
+    def encode_only(name: str) -> Callable[[], float]:
+        def encode() -> float:
+            started = time.perf_counter()
+            tokens, texts = 0, documents[name]
+            for start in range(0, len(texts), ENCODE_BATCH):
+                for ids in tokenizer.encode_batch(texts[start : start + ENCODE_BATCH]):
+                    tokens += len(ids) + 1  # the shards hold an end-of-text token after each
+            counted.append(tokens)
+            return time.perf_counter() - started
+
+        return encode
+
+    tokenizer.encode_batch(documents[names[0]][:ENCODE_BATCH])  # warm-up: thread pool, caches
+    pairs = alternate([(store_tokenize(name), encode_only(name)) for name in names])
+    infos.sort(key=lambda info: info.dataset)
 
     def read_back() -> None:
-        reader = DataStore(copies[-1])
-        for _ in reader.documents(DATASET, SPLIT):
-            pass
-        reader.db.close()
+        for name in names:
+            for _ in store.documents(name, SPLIT):
+                pass
 
-    read_back_s = statistics.median(timed(read_back) for _ in range(repeats))
-    figures = paired_figures(pairs, info.tokens, "tokens_per_s")
+    read_back_s = timed(read_back)
+    store.db.close()
+    tokens = [info.tokens for info in infos]
+    figures = paired_figures(pairs, tokens, "tokens_per_s")
     figures.update(
-        tokens=info.tokens,
-        tokens_match_baseline=all(count == info.tokens for count in counted),
-        documents=info.documents,
-        shards=len(info.shards),
+        slices=len(names),
+        tokens=sum(tokens),
+        tokens_match_baseline=sorted(counted) == sorted(tokens),
+        documents=sum(info.documents for info in infos),
+        shards=sum(len(info.shards) for info in infos),
         shard_tokens=shard_tokens,
-        bytes_per_token=round(sum(len(d.encode("utf-8")) for d in documents) / info.tokens, 3),
-        # part of the difference: reading the documents back from the zstd part files
+        bytes_per_token=round(
+            sum(len(d.encode("utf-8")) for texts in documents.values() for d in texts)
+            / sum(tokens),
+            3,
+        ),
+        # one part of the difference: reading the documents back from the zstd part files
         read_parts_back_s=round(read_back_s, 3),
     )
-    return figures, info, copies[-1]
+    return figures, infos
 
 
-def measure_batches(info: TokenizationInfo, batch_size: int, block_size: int, repeats: int):
+def measure_batches(infos: list[TokenizationInfo], batch_size: int, block_size: int, repeats: int):
     """SequentialBatches over each memmapped shard vs BatchSampler over all tokens in memory."""
-    in_memory = np.concatenate([np.asarray(load_shard(s, info.dtype)[0]) for s in info.shards])
+    shards = [(shard, info.dtype) for info in infos for shard in info.shards]
+    in_memory = np.concatenate([np.asarray(load_shard(s, dtype)[0]) for s, dtype in shards])
     counts: list[int] = []
 
     def sequential() -> float:
         started = time.perf_counter()
         batches = 0
-        for shard in info.shards:
-            tokens, mask = load_shard(shard, info.dtype)
+        for shard, dtype in shards:
+            tokens, mask = load_shard(shard, dtype)
             reader = SequentialBatches(tokens, batch_size, block_size, mask=mask)
             while reader.next() is not None:
                 batches += 1
@@ -371,19 +382,21 @@ def measure_batches(info: TokenizationInfo, batch_size: int, block_size: int, re
             sampler.next()
         return time.perf_counter() - started
 
-    figures = paired_figures(alternate(sequential, sampled, repeats), total, "batches_per_s")
+    pairs = alternate([(sequential, sampled)] * repeats)
+    figures = paired_figures(pairs, [total] * repeats, "batches_per_s")
     figures.update(batches_per_pass=total, batch_size=batch_size, block_size=block_size)
     return figures
 
 
-def measure_serving(info: TokenizationInfo, repeats: int) -> dict:
+def measure_serving(infos: list[TokenizationInfo], repeats: int) -> dict:
     """Per shard: read + zstd compress (server), decompress + sha256 check (node), vs a read."""
-    stages = {"read": [], "compress": [], "decompress": [], "sha256": []}
+    shards = [shard for info in infos for shard in info.shards]
+    stages: dict[str, list[float]] = {"read": [], "compress": [], "decompress": [], "sha256": []}
     raw_total = wire_total = 0
     for repeat in range(repeats + 1):  # the first pass warms the page cache, not counted
         totals = dict.fromkeys(stages, 0.0)
         raw_total = wire_total = 0
-        for shard in info.shards:
+        for shard in shards:
             t0 = time.perf_counter()
             raw = shard.path.read_bytes()
             t1 = time.perf_counter()
@@ -392,7 +405,7 @@ def measure_serving(info: TokenizationInfo, repeats: int) -> dict:
             data = encoding.decompress(body, "zstd", max_output=len(raw))
             t3 = time.perf_counter()
             if hashlib.sha256(data).hexdigest() != shard.sha256:
-                raise RuntimeError(f"shard {shard.index} does not match its sha256")
+                raise RuntimeError(f"shard {shard.path} does not match its sha256")
             t4 = time.perf_counter()
             for stage, seconds in zip(stages, (t1 - t0, t2 - t1, t3 - t2, t4 - t3), strict=True):
                 totals[stage] += seconds
@@ -404,9 +417,8 @@ def measure_serving(info: TokenizationInfo, repeats: int) -> dict:
     median = {stage: statistics.median(values) for stage, values in stages.items()}
     serve_s = sum(median.values())
     megabytes = raw_total / MB
-    level3 = sum(
-        len(zstandard.ZstdCompressor(level=3).compress(s.path.read_bytes())) for s in info.shards
-    )
+    level3 = zstandard.ZstdCompressor(level=3)
+    level3_total = sum(len(level3.compress(shard.path.read_bytes())) for shard in shards)
     return {
         "shard_mb": round(megabytes, 2),
         "serve_and_verify_mb_per_s": round(megabytes / serve_s, 1),
@@ -414,7 +426,7 @@ def measure_serving(info: TokenizationInfo, repeats: int) -> dict:
         "ratio": ratio(median["read"], serve_s),
         "ms_per_mb": {stage: round(1000 * s / megabytes, 3) for stage, s in median.items()},
         "compression_ratio_zstd_level1": ratio(raw_total, wire_total),
-        "compression_ratio_zstd_level3": ratio(raw_total, level3),
+        "compression_ratio_zstd_level3": ratio(raw_total, level3_total),
         "wire_mb": round(wire_total / MB, 2),
     }
 
@@ -422,23 +434,39 @@ def measure_serving(info: TokenizationInfo, repeats: int) -> dict:
 # --------------------------------------------------------------------------- memory (RSS)
 
 
-def _rss_child(corpus_dir: str, data_dir: str, include: tuple[str, ...], mode: str) -> dict:
+def _rss_child(corpus_dir: str, data_dir: str, mode: str) -> dict:
     """Runs in a fresh process: its peak RSS during one import, one plain read, or a read that
     keeps every document (the control: what not streaming would cost). The peak of start-up
-    (importing torch) is cleared first where Linux allows it (clear_refs)."""
-    options = ImportOptions(include=include)
+    (importing torch) is cleared first where Linux allows it (clear_refs). For an import, also
+    the peak before its final database transaction (DataStore._record, when it exists), i.e.
+    while the documents stream."""
+    options = ImportOptions()
     cleared = _clear_peak_rss()
     before_kib = _peak_rss_kib()
+    streaming_kib: list[int] = []
+    documents = 0
     if mode == "import":
-        DataStore(Path(data_dir)).import_path(corpus_dir, DATASET, SPLIT, options)
+        store = DataStore(Path(data_dir))
+        record = getattr(store, "_record", None)
+        if record is not None:  # a diagnostic only: the import runs the same without it
+
+            def record_after_peak(*args, **kwargs):
+                streaming_kib.append(_peak_rss_kib())
+                return record(*args, **kwargs)
+
+            store._record = record_after_peak  # type: ignore[method-assign]
+        documents = store.import_path(corpus_dir, DATASET, SPLIT, options).documents
     elif mode == "read":
-        read_only(Path(corpus_dir), options)
+        documents = read_only(Path(corpus_dir), options)
     else:
         kept = [d for s in find_sources(corpus_dir, options) for d in read_documents(s, options)]
+        documents = len(kept)
         del kept
     return {
+        "documents": documents,
         "before_mb": round(before_kib / 1024, 1),
         "peak_mb": round(_peak_rss_kib() / 1024, 1),
+        "peak_while_streaming_mb": round(streaming_kib[0] / 1024, 1) if streaming_kib else None,
         "ru_maxrss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
         "start_up_peak_cleared": cleared,
     }
@@ -483,12 +511,20 @@ def measure_memory(work: Path, corpus: dict, seed: int) -> dict:
     spawn = multiprocessing.get_context("spawn")
     results = {}
     for name, (source, mode) in runs.items():
-        arguments = (str(source["directory"]), str(work / f"rss-{name}"), (), mode)
+        arguments = (str(source["directory"]), str(work / f"rss-{name}"), mode)
         with ProcessPoolExecutor(max_workers=1, mp_context=spawn) as pool:
             figures = pool.submit(_rss_child, *arguments).result()
         figures["source_files"] = len(source["files"])
         figures["corpus_mb"] = round(source["bytes"] / MB, 2)
         figures["growth_mb"] = round(figures["peak_mb"] - figures["before_mb"], 1)
+        if figures["peak_while_streaming_mb"] is not None:
+            streaming = figures["peak_while_streaming_mb"] - figures["before_mb"]
+            figures["growth_while_streaming_mb"] = round(streaming, 1)
+            extra = figures["peak_mb"] - figures["peak_while_streaming_mb"]
+            figures["final_transaction_extra_mb"] = round(extra, 1)
+            figures["final_transaction_kb_per_document"] = round(
+                extra * 1024 / max(1, figures["documents"]), 2
+            )
         figures["growth_vs_corpus"] = ratio(figures["growth_mb"], source["bytes"] / MB)
         results[name] = figures
         log(f"  {name}: peak {figures['peak_mb']} MB (growth {figures['growth_mb']} MB)")
@@ -526,18 +562,16 @@ def run(args: argparse.Namespace) -> dict:
         )
         del documents
         log("1/5 import vs importers alone ...")
-        imported, store_dir = measure_import(work.path, corpus, args.repeats)
+        imported = measure_import(work.path, corpus, args.repeats)
         log(f"  ratio {imported['ratio']}")
-        log("2/5 tokenization into shards vs encode_batch ...")
-        tokenized, info, _ = measure_tokenization(
-            work.path, store_dir, tokenizer, args.shard_tokens, args.repeats
-        )
+        log(f"2/5 tokenization into shards vs encode_batch, {len(corpus['files'])} slices ...")
+        tokenized, infos = measure_tokenization(work.path, corpus, tokenizer, args.shard_tokens)
         log(f"  ratio {tokenized['ratio']}")
         log("3/5 SequentialBatches over memmapped shards vs BatchSampler in memory ...")
-        batches = measure_batches(info, args.batch_size, args.block_size, args.repeats)
+        batches = measure_batches(infos, args.batch_size, args.block_size, args.repeats)
         log(f"  ratio {batches['ratio']}")
         log("4/5 shard serving: compress + decompress + sha256 vs a plain read ...")
-        serving = measure_serving(info, args.repeats)
+        serving = measure_serving(infos, args.repeats)
         log(f"  ratio {serving['ratio']}")
         log("5/5 peak RSS of the import, in fresh processes ...")
         memory = measure_memory(work.path, corpus, args.seed)

@@ -110,6 +110,7 @@ def server(
     Every setting (more than the flags below) can also come from a CROWDTRAIN_* environment
     variable or a TOML file given with --config; see docs/configuration.md.
     """
+    from crowdtrain.db import DatabaseError
     from crowdtrain.server.app import run_server
 
     try:
@@ -158,7 +159,7 @@ def server(
 
     try:
         run_server(settings, on_ready=ready)
-    except (SettingsError, ValueError, OSError) as exc:
+    except (SettingsError, DatabaseError, ValueError, OSError) as exc:
         _fail(str(exc))
 
 

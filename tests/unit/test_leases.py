@@ -6,7 +6,8 @@ from __future__ import annotations
 import pytest
 
 from crowdtrain.data.leases import LeaseBook, LeaseError
-from crowdtrain.data.store import DataStore, TokenizationInfo
+from crowdtrain.data.shards import TokenizationInfo
+from crowdtrain.data.store import DataStore
 from crowdtrain.model.tokenizer import Tokenizer
 
 TTL_S = 60.0
@@ -203,6 +204,11 @@ def test_hold_then_applied_enters_the_ledger(book, setup, clock):
     assert coverage["duplicates"] == []
     assert coverage["completed_at"] is None
     assert book.applied(["update-1"], version=8) == 0  # applying again counts nothing
+    # the same update resent after its round applied: told it counted, counted once
+    assert book.hold([grant.id], "node-a", "update-1") == {grant.id: "submitted"}
+    assert book.hold([grant.id], "node-a", "update-3") == {grant.id: "lease_completed"}
+    assert book.applied(["update-1"], version=9) == 0
+    assert len(book.coverage(0)["ledger"]) == 1
     assert lease_error(book.renew, grant.id, "node-a").code == "lease_lost"
     status = book.status()
     assert (status["epoch_completed_shards"], status["active_leases"]) == (1, 0)

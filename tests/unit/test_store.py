@@ -19,7 +19,8 @@ from typer.testing import CliRunner
 from crowdtrain.cli import app
 from crowdtrain.data.importers import DataImportError
 from crowdtrain.data.leases import LeaseBook
-from crowdtrain.data.store import DataStore, StoreError, check_dataset_name, load_shard
+from crowdtrain.data.shards import load_shard
+from crowdtrain.data.store import DataStore, StoreError, check_dataset_name
 from crowdtrain.db import Lease, Shard, Source, Split, Tokenization
 from crowdtrain.db.models import DocumentHash
 from crowdtrain.model.tokenizer import EOT_TOKEN, Tokenizer

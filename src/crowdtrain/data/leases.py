@@ -29,7 +29,7 @@ from sqlalchemy import func, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from crowdtrain.data.store import ShardInfo, TokenizationInfo
+from crowdtrain.data.shards import ShardInfo, TokenizationInfo
 from crowdtrain.db import Completion, Database, Epoch, Lease
 
 log = logging.getLogger(__name__)
@@ -94,13 +94,10 @@ class LeaseBook:
     def rollback_after(self, version: int) -> int:
         """The server resumed at `version`: completions by updates applied after it are void
         (the weights no longer hold them), so their shards go back to the pool and their
-        epochs reopen. Returns how many were voided."""
+        epochs reopen. Versions count for the whole run, so this covers every dataset the run
+        trained on, not only this book's. Returns how many were voided."""
         with self._lock, self.db.transaction() as session:
-            void = session.scalars(
-                select(Completion).where(
-                    Completion.epoch_id.in_(self._epoch_ids(session)), Completion.version > version
-                )
-            ).all()
+            void = session.scalars(select(Completion).where(Completion.version > version)).all()
             now = self.clock()
             for completion in void:
                 lease = session.get(Lease, completion.lease_id)
@@ -252,8 +249,8 @@ class LeaseBook:
                 except LeaseError as error:
                     answers[lease_id] = error.code
                     continue
-                if lease.state == "submitted" and lease.update_id == update_id:
-                    answers[lease_id] = "submitted"  # a resent update
+                if lease.state in ("submitted", "completed") and lease.update_id == update_id:
+                    answers[lease_id] = "submitted"  # a resent update: counted once already
                 elif lease.state != "active":
                     answers[lease_id] = f"lease_{lease.state}"
                 else:

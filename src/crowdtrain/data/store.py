@@ -3,8 +3,7 @@ atomically, deduplicated, and tokenized into fixed-size shards.
 
 On disk, under `DATA_DIR/datasets/NAME/SPLIT/`:
 - `parts/ID.jsonl.zst`: the documents one import added (JSON lines, zstd);
-- `tokens/TOKENIZER-SHARDSIZE-rREVISION/shard-00000.bin` (+ `.mask` for annotated): token ids
-  as a raw little-endian uint16/uint32 array (a numpy memmap), with an `index.json`.
+- `tokens/TOKENIZER-SHARDSIZE-rREVISION/`: the split as token shards (format: data/shards.py).
 The database holds what exists: a file the database does not name is debris of an interrupted
 import or tokenization and is removed when the store opens. So an import is atomic: its part
 file is written (temp, fsync, rename) before the one transaction that records it.
@@ -31,8 +30,6 @@ import zstandard
 from sqlalchemy import delete, insert, select
 from sqlalchemy.exc import IntegrityError
 
-from crowdtrain.data.batches import token_dtype
-from crowdtrain.data.chat import DEFAULT_CHAT_TEMPLATE, render_many
 from crowdtrain.data.importers import (
     DataImportError,
     ImportOptions,
@@ -40,9 +37,17 @@ from crowdtrain.data.importers import (
     find_sources,
     read_documents,
 )
+from crowdtrain.data.shards import (
+    Document,
+    ShardInfo,
+    TokenizationInfo,
+    build_shards,
+    document_bytes,
+    load_shard,
+)
 from crowdtrain.db import Database, Dataset, Lease, Shard, Source, Split, Tokenization
 from crowdtrain.db.models import DocumentHash, Epoch
-from crowdtrain.files import fsync_directory, write_atomic
+from crowdtrain.files import fsync_directory
 from crowdtrain.progress import human_bytes
 
 log = logging.getLogger(__name__)
@@ -50,12 +55,10 @@ log = logging.getLogger(__name__)
 SPLITS = ("train", "valid", "annotated")
 DATASET_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 HASH_BATCH = 500  # document hashes looked up per query
-ENCODE_BATCH = 256  # documents per tokenizer call
 # Files no database row names are removed when a store opens, once they are this old: younger
 # ones may belong to an import another process is finishing right now.
 SWEEP_AGE_S = 600.0
 
-Document = str | list[dict[str, str]]
 Progress = Callable[[int], None]  # called with the number of source bytes just read
 
 
@@ -119,45 +122,6 @@ class ImportReport:
         return text
 
 
-@dataclass(frozen=True)
-class ShardInfo:
-    id: int
-    index: int
-    tokens: int
-    sha256: str
-    path: Path
-    mask_path: Path | None
-
-
-@dataclass(frozen=True)
-class TokenizationInfo:
-    id: int
-    dataset: str
-    split: str
-    tokenizer_version: str
-    shard_tokens: int
-    revision: int
-    tokens: int
-    documents: int
-    dtype: str
-    masked: bool
-    shards: tuple[ShardInfo, ...]
-
-
-def load_shard(shard: ShardInfo, dtype: str) -> tuple[np.ndarray, np.ndarray | None]:
-    """The shard's token ids (and loss mask) as read-only memmaps."""
-    tokens = np.memmap(shard.path, dtype=np.dtype(dtype), mode="r")
-    mask = None if shard.mask_path is None else np.memmap(shard.mask_path, np.uint8, mode="r")
-    return tokens, mask
-
-
-def shard_digest(tokens: bytes, mask: bytes | None) -> str:
-    digest = hashlib.sha256(tokens)
-    if mask is not None:
-        digest.update(mask)
-    return digest.hexdigest()
-
-
 class DataStore:
     """Datasets in one data directory. Safe to use from several threads and processes: every
     change is one database transaction, made after the files it names are on disk."""
@@ -211,7 +175,7 @@ class DataStore:
                 for document in read_documents(source, options):
                     yield position, document
                     if progress is not None:
-                        size = _document_bytes(document)
+                        size = document_bytes(document)
                         read += size
                         progress(min(size, max(0, source.size - read + size)))
                 if progress is not None and source.size > read:
@@ -234,7 +198,7 @@ class DataStore:
         if sha in self._imported_hashes(dataset, split):
             report.skipped.append(label)
             return report
-        size = sum(_document_bytes(d) for d in documents)
+        size = sum(document_bytes(d) for d in documents)
         source = SourceFile(Path(label), "memory", size)
         return self._import(
             dataset, split, [(sha, source)], ((0, d) for d in documents), report, label=label
@@ -277,7 +241,7 @@ class DataStore:
                     writer.write(document)
                     per_source[position]["documents"] += 1
                     report.documents += 1
-                    size = _document_bytes(document)
+                    size = document_bytes(document)
                     report.bytes += size
                     chars += _document_chars(document)
                 pending.clear()
@@ -534,71 +498,27 @@ class DataStore:
             )
             if existing is not None:
                 return self._info(existing, dataset, split)
-            split_id, total_bytes = split_row.id, split_row.bytes
-        built = self._build_shards(
-            dataset, split, tokenizer, shard_tokens, template, progress, total_bytes
-        )
+            split_id = split_row.id
+        built = self._build_shards(dataset, split, tokenizer, shard_tokens, template, progress)
         return self._record_tokenization(split_id, dataset, split, revision, tokenizer, built)
 
-    def _build_shards(self, dataset, split, tokenizer, shard_tokens, template, progress, total):
-        dtype = token_dtype(tokenizer.vocab_size)
-        masked = split == "annotated"
-        tokens_dir = self.root / dataset / split / "tokens"
-        building = tokens_dir / f".building-{uuid.uuid4().hex}"
+    def _build_shards(self, dataset, split, tokenizer, shard_tokens, template, progress):
+        building = self.root / dataset / split / "tokens" / f".building-{uuid.uuid4().hex}"
         building.mkdir(parents=True)
-        shards: list[dict] = []
-        buffer_ids: list[np.ndarray] = []
-        buffer_mask: list[np.ndarray] = []
-        buffered = 0
-        documents = 0
-
-        def cut(final: bool) -> None:
-            nonlocal buffered
-            if buffered == 0:
-                return
-            ids = np.concatenate(buffer_ids)
-            mask = np.concatenate(buffer_mask) if masked else None
-            start = 0
-            while len(ids) - start >= shard_tokens or (final and start < len(ids)):
-                end = min(start + shard_tokens, len(ids))
-                shards.append(_write_shard(building, len(shards), ids[start:end], mask, start, end))
-                start = end
-            buffer_ids[:] = [ids[start:]]
-            buffer_mask[:] = [mask[start:]] if masked else []
-            buffered = len(ids) - start
-
         try:
-            for batch in _batched(self.documents(dataset, split), ENCODE_BATCH):
-                if masked:
-                    ids, mask = render_many(batch, tokenizer, template or DEFAULT_CHAT_TEMPLATE)
-                    buffer_ids.append(ids.astype(dtype, copy=False))
-                    buffer_mask.append(mask)
-                    buffered += len(ids)
-                else:
-                    for ids in tokenizer.encode_batch(batch):
-                        buffer_ids.append(np.array([*ids, tokenizer.eot_id], dtype=dtype))
-                        buffered += len(ids) + 1
-                documents += len(batch)
-                if progress is not None:
-                    progress(sum(_document_bytes(d) for d in batch))
-                if buffered >= shard_tokens:
-                    cut(final=False)
-            cut(final=True)
+            index = build_shards(
+                self.documents(dataset, split),
+                building,
+                tokenizer,
+                shard_tokens,
+                masked=split == "annotated",
+                template=template,
+                progress=progress,
+            )
         except BaseException:
             shutil.rmtree(building, ignore_errors=True)
             raise
-        index = {
-            "dataset": dataset,
-            "split": split,
-            "tokenizer_version": tokenizer.version,
-            "dtype": np.dtype(dtype).name,
-            "masked": masked,
-            "shard_tokens": shard_tokens,
-            "documents": documents,
-            "shards": shards,
-        }
-        write_atomic(building / "index.json", json.dumps(index, indent=1))
-        return building, index
+        return building, {"dataset": dataset, "split": split, **index}
 
     def _record_tokenization(self, split_id, dataset, split, revision, tokenizer, built):
         building, index = built
@@ -788,17 +708,6 @@ def _read_part(path: Path) -> Iterator[Document]:
             yield json.loads(line)
 
 
-def _write_shard(directory: Path, number: int, ids: np.ndarray, mask, start: int, end: int) -> dict:
-    file = f"shard-{number:05d}.bin"
-    token_bytes = np.ascontiguousarray(ids).astype(ids.dtype.newbyteorder("<")).tobytes()
-    write_atomic(directory / file, token_bytes)
-    mask_bytes = None
-    if mask is not None:
-        mask_bytes = np.ascontiguousarray(mask[start:end], dtype=np.uint8).tobytes()
-        write_atomic((directory / file).with_suffix(".mask"), mask_bytes)
-    return {"file": file, "tokens": len(ids), "sha256": shard_digest(token_bytes, mask_bytes)}
-
-
 def source_sha256(source: SourceFile) -> str:
     """sha256 of a file's bytes; for a directory source, of its files' names and bytes."""
     digest = hashlib.sha256()
@@ -816,27 +725,10 @@ def source_sha256(source: SourceFile) -> str:
     return digest.hexdigest()
 
 
-def _document_bytes(document: Document) -> int:
-    if isinstance(document, str):
-        return len(document.encode("utf-8"))
-    return sum(len(m["content"].encode("utf-8")) for m in document)
-
-
 def _document_chars(document: Document) -> int:
     if isinstance(document, str):
         return len(document)
     return sum(len(m["content"]) for m in document)
-
-
-def _batched(items: Iterable, size: int) -> Iterator[list]:
-    batch: list = []
-    for item in items:
-        batch.append(item)
-        if len(batch) == size:
-            yield batch
-            batch = []
-    if batch:
-        yield batch
 
 
 def _dataset_summary(row: Dataset) -> dict:
@@ -871,9 +763,7 @@ __all__ = [
     "ImportOptions",
     "ImportReport",
     "SPLITS",
-    "ShardInfo",
     "StoreError",
-    "TokenizationInfo",
     "check_dataset_name",
-    "load_shard",
+    "check_split",
 ]

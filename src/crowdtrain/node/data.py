@@ -28,7 +28,7 @@ from crowdtrain.node.client import CoordinatorClient, Refused, Stopped
 log = logging.getLogger(__name__)
 
 Batch = tuple[torch.Tensor, torch.Tensor]
-DOWNLOAD_ATTEMPTS = 3  # a shard that fails its sha256 check is fetched again this often
+DOWNLOAD_ATTEMPTS = 3  # downloads of a shard, in all, before a failed sha256 check stops the node
 
 
 def default_cache_dir() -> Path:

@@ -204,15 +204,19 @@ class ServerRuntime:
                     template=self.chat_template,
                     progress=progress,
                 )
-            valid = None
-            if s.evaluate or self.store.exists(self.dataset, "valid"):
+        except StoreError as error:
+            raise SettingsError(str(error)) from None
+        valid = None
+        if s.evaluate or self.store.exists(self.dataset, "valid"):
+            try:
                 with byte_progress(f"tokenizing {self.dataset}/valid", None) as progress:
                     valid = self.store.tokenized(
                         self.dataset, "valid", self.tokenizer, s.shard_tokens, progress=progress
                     )
-        except StoreError as error:
-            hint = "; or run without the Evaluator (evaluate = false)" if s.evaluate else ""
-            raise SettingsError(f"{error}{hint}") from None
+            except StoreError as error:
+                raise SettingsError(
+                    f"{error}; or run without the Evaluator (evaluate = false)"
+                ) from None
         if s.evaluate and valid.tokens < self.config.block_size + 1:
             raise SettingsError(
                 f"the valid split of {self.dataset!r} has {valid.tokens} tokens, fewer than "
