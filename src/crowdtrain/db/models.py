@@ -9,6 +9,7 @@ from __future__ import annotations
 import time
 
 from sqlalchemy import (
+    BigInteger,
     Float,
     ForeignKey,
     Integer,
@@ -19,8 +20,9 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
-# Times are Unix seconds (float): SQLite keeps no time zones. A change to any table needs a
-# migration in db/migrations/versions (docs/data.md says how to generate one).
+# Times are Unix seconds (float): SQLite keeps no time zones. Sizes and counts that can pass
+# 2**31 (bytes, characters, tokens, documents) are BigInteger, for PostgreSQL's sake.
+# A change to any table needs a migration in db/migrations/versions (docs/data.md says how).
 
 
 class Base(DeclarativeBase):
@@ -51,10 +53,10 @@ class Split(Base):
     id: Mapped[int] = mapped_column(primary_key=True)
     dataset_id: Mapped[int] = mapped_column(ForeignKey("datasets.id", ondelete="CASCADE"))
     name: Mapped[str] = mapped_column(String(16))
-    documents: Mapped[int] = mapped_column(Integer, default=0)
-    chars: Mapped[int] = mapped_column(Integer, default=0)
-    bytes: Mapped[int] = mapped_column(Integer, default=0)  # UTF-8 bytes of the documents
-    duplicates: Mapped[int] = mapped_column(Integer, default=0)  # dropped by content hash
+    documents: Mapped[int] = mapped_column(BigInteger, default=0)
+    chars: Mapped[int] = mapped_column(BigInteger, default=0)
+    bytes: Mapped[int] = mapped_column(BigInteger, default=0)  # UTF-8 bytes of the documents
+    duplicates: Mapped[int] = mapped_column(BigInteger, default=0)  # dropped by content hash
     # bumped by every import that adds documents: tokenizations of older revisions are stale
     revision: Mapped[int] = mapped_column(Integer, default=0)
     dataset: Mapped[Dataset] = relationship(back_populates="splits")
@@ -77,9 +79,9 @@ class Source(Base):
     path: Mapped[str] = mapped_column(String(4096))
     format: Mapped[str] = mapped_column(String(16))
     sha256: Mapped[str] = mapped_column(String(64))
-    size: Mapped[int] = mapped_column(Integer)
-    documents: Mapped[int] = mapped_column(Integer)
-    duplicates: Mapped[int] = mapped_column(Integer)
+    size: Mapped[int] = mapped_column(BigInteger)
+    documents: Mapped[int] = mapped_column(BigInteger)
+    duplicates: Mapped[int] = mapped_column(BigInteger)
     part: Mapped[str] = mapped_column(String(128))  # file name under the split's parts/
     imported_at: Mapped[float] = mapped_column(Float, default=time.time)
     split: Mapped[Split] = relationship(back_populates="sources")
@@ -106,8 +108,8 @@ class Tokenization(Base):
     tokenizer_version: Mapped[str] = mapped_column(String(64))
     shard_tokens: Mapped[int] = mapped_column(Integer)
     revision: Mapped[int] = mapped_column(Integer)
-    tokens: Mapped[int] = mapped_column(Integer)
-    documents: Mapped[int] = mapped_column(Integer)
+    tokens: Mapped[int] = mapped_column(BigInteger)
+    documents: Mapped[int] = mapped_column(BigInteger)
     dtype: Mapped[str] = mapped_column(String(8))
     masked: Mapped[bool] = mapped_column(default=False)  # annotated: a loss mask per token
     directory: Mapped[str] = mapped_column(String(256))  # relative to the data directory
@@ -184,4 +186,4 @@ class Evaluation(Base):
     valid_perplexity: Mapped[float] = mapped_column(Float)
     eval_s: Mapped[float] = mapped_column(Float)
     dataset: Mapped[str] = mapped_column(String(64))
-    sample_tokens: Mapped[int] = mapped_column(Integer)
+    sample_tokens: Mapped[int] = mapped_column(BigInteger)

@@ -3,7 +3,7 @@ epochs, leases, the ledger (completions) and the Evaluator's history.
 
 Revision ID: 0001
 Revises:
-Create Date: 2026-11-28 23:56:05.228559
+Create Date: 2026-11-29 00:06:52.400580
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ def upgrade() -> None:
         sa.Column("valid_perplexity", sa.Float(), nullable=False),
         sa.Column("eval_s", sa.Float(), nullable=False),
         sa.Column("dataset", sa.String(length=64), nullable=False),
-        sa.Column("sample_tokens", sa.Integer(), nullable=False),
+        sa.Column("sample_tokens", sa.BigInteger(), nullable=False),
         sa.PrimaryKeyConstraint("id", name=op.f("pk_evaluations")),
     )
     with op.batch_alter_table("evaluations", schema=None) as batch_op:
@@ -47,10 +47,10 @@ def upgrade() -> None:
         sa.Column("id", sa.Integer(), nullable=False),
         sa.Column("dataset_id", sa.Integer(), nullable=False),
         sa.Column("name", sa.String(length=16), nullable=False),
-        sa.Column("documents", sa.Integer(), nullable=False),
-        sa.Column("chars", sa.Integer(), nullable=False),
-        sa.Column("bytes", sa.Integer(), nullable=False),
-        sa.Column("duplicates", sa.Integer(), nullable=False),
+        sa.Column("documents", sa.BigInteger(), nullable=False),
+        sa.Column("chars", sa.BigInteger(), nullable=False),
+        sa.Column("bytes", sa.BigInteger(), nullable=False),
+        sa.Column("duplicates", sa.BigInteger(), nullable=False),
         sa.Column("revision", sa.Integer(), nullable=False),
         sa.ForeignKeyConstraint(
             ["dataset_id"],
@@ -87,9 +87,9 @@ def upgrade() -> None:
         sa.Column("path", sa.String(length=4096), nullable=False),
         sa.Column("format", sa.String(length=16), nullable=False),
         sa.Column("sha256", sa.String(length=64), nullable=False),
-        sa.Column("size", sa.Integer(), nullable=False),
-        sa.Column("documents", sa.Integer(), nullable=False),
-        sa.Column("duplicates", sa.Integer(), nullable=False),
+        sa.Column("size", sa.BigInteger(), nullable=False),
+        sa.Column("documents", sa.BigInteger(), nullable=False),
+        sa.Column("duplicates", sa.BigInteger(), nullable=False),
         sa.Column("part", sa.String(length=128), nullable=False),
         sa.Column("imported_at", sa.Float(), nullable=False),
         sa.ForeignKeyConstraint(
@@ -105,8 +105,8 @@ def upgrade() -> None:
         sa.Column("tokenizer_version", sa.String(length=64), nullable=False),
         sa.Column("shard_tokens", sa.Integer(), nullable=False),
         sa.Column("revision", sa.Integer(), nullable=False),
-        sa.Column("tokens", sa.Integer(), nullable=False),
-        sa.Column("documents", sa.Integer(), nullable=False),
+        sa.Column("tokens", sa.BigInteger(), nullable=False),
+        sa.Column("documents", sa.BigInteger(), nullable=False),
         sa.Column("dtype", sa.String(length=8), nullable=False),
         sa.Column("masked", sa.Boolean(), nullable=False),
         sa.Column("directory", sa.String(length=256), nullable=False),
