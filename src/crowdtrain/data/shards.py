@@ -100,7 +100,7 @@ def build_shards(
         pending_mask[:] = [mask[start:]] if masked else []
         pending = len(ids) - start
 
-    for batch in _batched(documents, ENCODE_BATCH):
+    for batch in batched(documents, ENCODE_BATCH):
         if masked:
             ids, mask = render_many(batch, tokenizer, template or DEFAULT_CHAT_TEMPLATE)
             pending_ids.append(ids.astype(dtype, copy=False))
@@ -145,7 +145,7 @@ def document_bytes(document: Document) -> int:
     return sum(len(m["content"].encode("utf-8")) for m in document)
 
 
-def _batched(items: Iterable, size: int) -> Iterator[list]:
+def batched(items: Iterable, size: int) -> Iterator[list]:
     batch: list = []
     for item in items:
         batch.append(item)

@@ -2,7 +2,8 @@
 atomically, deduplicated, and tokenized into fixed-size shards.
 
 On disk, under `DATA_DIR/datasets/NAME/SPLIT/`:
-- `parts/ID.jsonl.zst`: the documents one import added (JSON lines, zstd);
+- `parts/ID.jsonl.zst`: the documents one import added (JSON lines, zstd), shared by the
+  sources of that import;
 - `tokens/TOKENIZER-SHARDSIZE-rREVISION/`: the split as token shards (format: data/shards.py).
 The database holds what exists: a file the database does not name is debris of an interrupted
 import or tokenization and is removed when the store opens. So an import is atomic: its part
@@ -45,6 +46,9 @@ from crowdtrain.data.shards import (
     document_bytes,
     load_shard,
 )
+from crowdtrain.data.shards import (
+    batched as _batched,
+)
 from crowdtrain.db import Database, Dataset, Lease, Shard, Source, Split, Tokenization
 from crowdtrain.db.models import DocumentHash, Epoch
 from crowdtrain.files import fsync_directory
@@ -55,6 +59,7 @@ log = logging.getLogger(__name__)
 SPLITS = ("train", "valid", "annotated")
 DATASET_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 HASH_BATCH = 500  # document hashes looked up per query
+HASH_INSERT_BATCH = 10_000  # document hashes inserted per statement
 # Files no database row names are removed when a store opens, once they are this old: younger
 # ones may belong to an import another process is finishing right now.
 SWEEP_AGE_S = 600.0
@@ -221,13 +226,15 @@ class DataStore:
         parts_dir.mkdir(parents=True, exist_ok=True)
         per_source = [{"documents": 0, "duplicates": 0, "part": ""} for _ in sources]
         seen: dict[bytes, None] = {}  # insertion-ordered: the hashes this import adds
-        writers: dict[int, _PartWriter] = {}
+        # one part file for the whole import: memory and open files stay flat however many
+        # source files it reads
+        writer: _PartWriter | None = None
         chars = 0
         try:
             pending: list[tuple[int, Document, bytes]] = []
 
             def flush() -> None:
-                nonlocal chars
+                nonlocal chars, writer
                 existing = self._existing_hashes(dataset_id, [h for _, _, h in pending])
                 for position, document, digest in pending:
                     if digest in existing or digest in seen:
@@ -235,9 +242,8 @@ class DataStore:
                         report.duplicates += 1
                         continue
                     seen[digest] = None
-                    writer = writers.get(position)
                     if writer is None:
-                        writer = writers[position] = _PartWriter(parts_dir)
+                        writer = _PartWriter(parts_dir)
                     writer.write(document)
                     per_source[position]["documents"] += 1
                     report.documents += 1
@@ -254,11 +260,13 @@ class DataStore:
             if report.documents == 0 and report.duplicates == 0:
                 names = ", ".join(str(s.path) for _, s in sources)
                 raise StoreError(f"no documents found in {names}; nothing was imported")
-            for position, writer in writers.items():
-                per_source[position]["part"] = writer.finish()
+            if writer is not None:
+                part = writer.finish()
+                for counts in per_source:
+                    counts["part"] = part if counts["documents"] else ""
             self._record(dataset, split, sources, per_source, seen, chars, report, label)
         except BaseException:
-            for writer in writers.values():
+            if writer is not None:
                 writer.discard()
             for directory in created:  # innermost first; only the ones this import made
                 with contextlib.suppress(OSError):
@@ -302,12 +310,13 @@ class DataStore:
                             **counts,
                         )
                     )
-                if hashes:
+                table = DocumentHash.__table__
+                for chunk in _batched(hashes, HASH_INSERT_BATCH):  # bounded memory per insert
                     session.execute(
-                        insert(DocumentHash),
+                        insert(table),
                         [
                             {"dataset_id": dataset_row.id, "hash": h, "split_id": split_row.id}
-                            for h in hashes
+                            for h in chunk
                         ],
                     )
                 split_row.documents += report.documents
@@ -360,7 +369,8 @@ class DataStore:
     def documents(self, dataset: str, split: str) -> Iterator[Document]:
         """Every document of a split, in import order."""
         with self.db.session() as session:
-            parts = list(
+            # the sources of one import share its part file: read each file once, in order
+            parts = dict.fromkeys(
                 session.scalars(
                     select(Source.part)
                     .join(Split)
@@ -675,7 +685,7 @@ class _PartWriter:
         self.name = f"{uuid.uuid4().hex}.jsonl.zst"
         self.tmp = directory / f".{self.name}.tmp"
         self._file = open(self.tmp, "wb")  # noqa: SIM115 - closed in finish/discard
-        self._stream = zstandard.ZstdCompressor(level=3).stream_writer(self._file, closefd=False)
+        self._stream = zstandard.ZstdCompressor(level=1).stream_writer(self._file, closefd=False)
         self.final: Path | None = None
 
     def write(self, document: Document) -> None:
