@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from crowdtrain import records
 from crowdtrain.data.batches import token_dtype
 from crowdtrain.model.tokenizer import EOT_TOKEN
 
@@ -54,15 +55,7 @@ class ChatTemplate:
     @classmethod
     def from_dict(cls, d: Mapping[str, str]) -> ChatTemplate:
         """Build a template from a dict, e.g. the tokenizer's; unknown keys are an error."""
-        if not isinstance(d, Mapping):
-            raise ValueError(f"ChatTemplate.from_dict expects a dict, got {type(d).__name__}")
-        known = [field.name for field in dataclasses.fields(cls)]
-        unknown = sorted(str(key) for key in d if key not in known)
-        if unknown:
-            raise ValueError(
-                f"unknown ChatTemplate key(s): {', '.join(unknown)}; known keys: {', '.join(known)}"
-            )
-        return cls(**d)
+        return records.from_dict(cls, d)
 
     def header(self, role: str) -> str:
         if role not in ROLES:

@@ -12,6 +12,8 @@ import torch
 import torch.nn as nn
 from torch.nn import functional as F
 
+from crowdtrain import records
+
 
 class KVCache:
     """Keys and values of past positions, per layer, so generation feeds only the new tokens.
@@ -155,15 +157,7 @@ class GPTConfig:
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> GPTConfig:
         """Build a config from a dict, e.g. a checkpoint's; unknown keys are an error."""
-        if not isinstance(d, Mapping):
-            raise ValueError(f"GPTConfig.from_dict expects a dict, got {type(d).__name__}")
-        known = [field.name for field in dataclasses.fields(cls)]
-        unknown = sorted(str(key) for key in d if key not in known)
-        if unknown:
-            raise ValueError(
-                f"unknown GPTConfig key(s): {', '.join(unknown)}; known keys: {', '.join(known)}"
-            )
-        return cls(**d)
+        return records.from_dict(cls, d)
 
 
 class Transformer(nn.Module):
