@@ -73,7 +73,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "the data store on a generated corpus, each against its bare baseline; prints JSON.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    parser.add_argument("--mb", type=float, default=32.0, help="corpus size in MB of JSON Lines")
+    parser.add_argument("--mb", type=float, default=48.0, help="corpus size in MB of JSON Lines")
     parser.add_argument(
         "--quick", action="store_true", help=f"smoke run: a {QUICK_MB} MB corpus, 1 repeat"
     )
@@ -126,9 +126,9 @@ class TextGenerator:
         bounds = np.concatenate([[0], np.cumsum(syllables_per_word)]).tolist()
         unique = dict.fromkeys("".join(syllables[a:b]) for a, b in itertools.pairwise(bounds))
         words = list(unique)[:VOCABULARY_WORDS]
-        vocabulary = sorted(words, key=lambda word: len(word) + self.rng.random() * 4)
-        for number in self.rng.integers(0, 3000, size=300):  # numbers, at random ranks
-            vocabulary.insert(int(self.rng.integers(0, len(vocabulary))), str(number))
+        vocabulary = sorted(words, key=lambda word: len(word) + rng.random() * 4)
+        for number in rng.integers(0, 3000, size=300):  # numbers, at random ranks
+            vocabulary.insert(int(rng.integers(0, len(vocabulary))), str(number))
         self.forms = np.array(
             [
                 (w, w + ",", w[0].upper() + w[1:], w[0].upper() + w[1:] + ",", w + ".", w + "?")
@@ -165,8 +165,8 @@ class TextGenerator:
 def generate_corpus(
     directory: Path, megabytes: float, seed: int, files: int = FILES
 ) -> tuple[dict, list[str]]:
-    """`files` .jsonl files of {"id", "text"} records, `megabytes` in all, 1% of them duplicates:
-    their summary, and the documents."""
+    """`files` .jsonl files of {"id", "text"} records, about `megabytes` in all, 1% of them
+    duplicates: their summary, and the documents."""
     directory.mkdir(parents=True, exist_ok=True)
     generator = TextGenerator(seed)
     per_file = megabytes * MB / files
@@ -197,6 +197,7 @@ def generate_corpus(
 
 
 def tokenizer_sample(documents: list[str], megabytes: float) -> list[str]:
+    """The first documents, about `megabytes` of them: what the BPE is trained on."""
     sample, size = [], 0
     for document in documents:
         if size >= megabytes * MB:
