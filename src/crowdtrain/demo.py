@@ -25,7 +25,7 @@ from crowdtrain.model.generate import generate
 from crowdtrain.model.gpt import GPT
 from crowdtrain.model.tokenizer import Tokenizer
 from crowdtrain.node.client import CoordinatorClient
-from crowdtrain.progress import human_bytes
+from crowdtrain.progress import human_bytes, human_count
 
 STARTUP_TIMEOUT_S = 180.0
 
@@ -177,7 +177,7 @@ def status_table(info: dict, history: dict, remaining: float) -> Table:
         valid,
         epoch,
         str(info["connected_nodes"]),
-        f"{info['totals'].get('tokens', 0):,}",
+        human_count(info["totals"].get("tokens", 0)),
         rate,
         human_bytes(info["totals"].get("wire_bytes", 0)),
         f"{remaining:,.0f} s",

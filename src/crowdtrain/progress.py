@@ -42,3 +42,11 @@ def human_bytes(n: float) -> str:
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
         n /= 1000
     return f"{n:.1f} GB"
+
+
+def human_count(n: float) -> str:
+    """1234 -> '1,234', 1476600 -> '1.48M', 123456789 -> '123.5M': short for a table column."""
+    if abs(n) < 1e6:
+        return f"{n:,.0f}"
+    scaled, unit = (n / 1e9, "G") if abs(n) >= 1e9 else (n / 1e6, "M")
+    return f"{scaled:.2f}{unit}" if abs(scaled) < 100 else f"{scaled:.1f}{unit}"
