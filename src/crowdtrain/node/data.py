@@ -143,21 +143,33 @@ class ShardFeed:
     def _open_next(self) -> None:
         while True:
             offer = self.client.lease()
-            if offer["lease"] is not None:
-                break
-            wait = float(offer.get("retry_after_s") or 5.0)
-            log.info("no shard free right now; asking again in %.0f s", wait)
-            end = time.monotonic() + wait
-            while time.monotonic() < end:
-                if self.should_stop():
-                    raise Stopped()
-                time.sleep(0.1)
-        lease, shard = offer["lease"], offer["shard"]
-        with self._lock:
-            self._held[lease] = time.monotonic() + offer["ttl_s"] / 3
-        tokens, mask = self._load(shard)
+            if offer["lease"] is None:
+                self._wait(float(offer.get("retry_after_s") or 5.0))
+                continue
+            lease, shard = offer["lease"], offer["shard"]
+            with self._lock:
+                self._held[lease] = time.monotonic() + offer["ttl_s"] / 3
+            try:
+                tokens, mask = self._load(shard)
+            except Refused as error:  # the server no longer serves it (it restarted on new data)
+                log.warning(
+                    "shard %s of lease %s is gone (%s); taking another", shard["id"], lease, error
+                )
+                with self._lock:
+                    self._held.pop(lease, None)
+                    self._lost.add(lease)
+                continue
+            break
         self._reading, self.epoch = lease, offer["epoch"]
         self._reader = SequentialBatches(tokens, self.batch_size, self.block_size, mask=mask)
+
+    def _wait(self, seconds: float) -> None:
+        log.info("no shard free right now; asking again in %.0f s", seconds)
+        end = time.monotonic() + seconds
+        while time.monotonic() < end:
+            if self.should_stop():
+                raise Stopped()
+            time.sleep(0.1)
 
     def _load(self, shard: dict) -> tuple[np.ndarray, np.ndarray | None]:
         dtype = np.dtype(shard["dtype"]).newbyteorder("<")
