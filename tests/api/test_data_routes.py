@@ -19,6 +19,7 @@ import zstandard
 from fastapi.testclient import TestClient
 
 from crowdtrain.compression import TopKCompressor, get_value_codec
+from crowdtrain.data.leases import LOOKAHEAD
 from crowdtrain.node.runner import update_body
 from crowdtrain.node.trainer import StepResult
 from crowdtrain.protocol.update import UPDATE_FORMAT, UpdateMeta, encode_update
@@ -161,9 +162,9 @@ def test_a_lease_names_its_shard_epoch_and_expiry(server):
 def test_leases_run_out_once_every_shard_of_the_open_epochs_is_taken(start_server):
     small = start_server(shard_tokens=ONE_SHARD)
     (only,) = small.runtime.train_data.shards
-    # one shard, and nodes may run one epoch ahead: two leases, then none
-    grants = [acquire(small, "a"), acquire(small, "b")]
-    assert [g["epoch"] for g in grants] == [0, 1]
+    # one shard, and nodes run ahead while it is held: LOOKAHEAD leases, then none
+    grants = [acquire(small, "a")] + [acquire(small, f"b{i}") for i in range(LOOKAHEAD - 1)]
+    assert [g["epoch"] for g in grants] == list(range(LOOKAHEAD))
     assert {g["shard"]["id"] for g in grants} == {only.id}
     none = acquire(small, "c")
     assert none["lease"] is None and none["shard"] is None
@@ -338,6 +339,17 @@ def test_an_epoch_not_started_has_no_ledger(server):
     response = server.get("/data/epochs/99")
     assert response.status_code == 404 and response.json()["error"] == "unknown_epoch"
     assert server.get("/data/epochs/-1").status_code == 422
+    assert server.get(f"/data/epochs/{2**63}").status_code == 422  # not a 500 from the database
+
+
+def test_a_shard_that_cannot_be_read_is_gone_not_a_server_error(start_server):
+    broken = start_server(shard_tokens=ONE_SHARD * 4)
+    grant = acquire(broken, "reader")
+    shard = broken.runtime.leases.shards[grant["shard"]["id"]]
+    shard.path.unlink()  # deleted under the running server
+    response = broken.client.get(API + f"/shards/{shard.id}", headers={NODE_HEADER: "reader"})
+    assert response.status_code == 410 and response.json()["error"] == "shard_gone"
+    assert broken.get("/health").status_code == 200
 
 
 def test_local_data_updates_are_accepted_and_counted(server):

@@ -11,7 +11,8 @@ import pytest
 from fastapi.testclient import TestClient
 
 from crowdtrain.node.client import CoordinatorClient, Refused
-from crowdtrain.node.data import ShardCache, ShardFeed
+from crowdtrain.node.data import MAX_CARRIES, ShardCache, ShardFeed
+from crowdtrain.protocol.update import MAX_LEASES_PER_UPDATE
 
 from .conftest import NODE_HEADER
 
@@ -149,3 +150,27 @@ def test_the_cache_evicts_the_oldest_shards_past_its_size(tmp_path):
         time.sleep(0.01)  # distinct modification times
     kept = sorted(p.name for p in cache.directory.glob("*.bin"))
     assert kept == sorted(p.name for p in paths[2:])
+
+
+def test_a_lease_refused_too_often_is_given_back(server, make_feed):
+    feed = make_feed("refused")
+    while feed.shards_read == 0:
+        feed.next()
+    (finished,) = feed.take_finished()
+    for _ in range(MAX_CARRIES):
+        feed.give_back([finished])
+        assert feed.take_finished() == [finished]
+    feed.give_back([finished])  # one refusal too many: the shard goes back to the pool
+    assert feed.take_finished() == [] and finished in feed._lost
+    leases = server.get("/data/epochs/0").json()["leases"]
+    assert leases.get("returned", 0) >= 1
+
+
+def test_an_update_carries_at_most_the_leases_the_server_takes(make_feed):
+    feed = make_feed("hoarder")
+    with feed._lock:
+        feed._finished = [f"{i:032x}" for i in range(MAX_LEASES_PER_UPDATE + 6)]
+    assert len(feed.take_finished()) == MAX_LEASES_PER_UPDATE
+    assert feed.take_finished() == [
+        f"{i:032x}" for i in range(MAX_LEASES_PER_UPDATE, MAX_LEASES_PER_UPDATE + 6)
+    ]

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from crowdtrain.data.leases import LeaseBook, LeaseError
+from crowdtrain.data.leases import LOOKAHEAD, LeaseBook, LeaseError
 from crowdtrain.data.shards import TokenizationInfo
 from crowdtrain.data.store import DataStore
 from crowdtrain.model.tokenizer import Tokenizer
@@ -70,8 +70,9 @@ def complete(book: LeaseBook, grant, node: str, update_id: str, version: int) ->
 # ---------------------------------------------------------------------------------- issuing
 
 
-def test_acquire_hands_out_every_shard_once_per_epoch_then_runs_ahead(book, setup, clock):
-    _, info = setup
+def test_acquire_hands_out_every_shard_once_per_epoch_then_runs_ahead(setup, clock):
+    store, info = setup
+    book = LeaseBook(store.db, info, ttl_s=TTL_S, lookahead=2, clock=clock)
     shard_ids = {s.id for s in info.shards}
     count = len(shard_ids)
 
@@ -81,7 +82,7 @@ def test_acquire_hands_out_every_shard_once_per_epoch_then_runs_ahead(book, setu
     first, second = grants[:count], grants[count:]
     assert [g.epoch for g in first] == [0] * count
     assert {g.shard.id for g in first} == shard_ids
-    assert [g.epoch for g in second] == [1] * count  # lookahead 2: the next epoch starts early
+    assert [g.epoch for g in second] == [1] * count  # the next epoch starts early
     assert {g.shard.id for g in second} == shard_ids
     assert len({g.id for g in grants}) == 2 * count
     assert all(g.expires_at == clock.now + TTL_S and g.ttl_s == TTL_S for g in grants)
@@ -260,12 +261,11 @@ def test_completing_every_shard_closes_the_epoch(book, setup, clock):
     assert [row["version"] for row in coverage["ledger"]] == list(range(1, count + 1))
     assert coverage["completed_at"] == clock.now
     assert coverage["leases"] == {"completed": count}
-    # epoch 1 is now the current one, and epoch 2 may start early
-    epochs = [book.acquire("node-b").epoch for _ in range(2 * count - 1)]
-    assert epochs == [1] * (count - 1) + [2] * count
-    assert book.acquire("node-b") is None
-    with pytest.raises(LeaseError, match="epoch 3 has not started"):
-        book.coverage(3)
+    # epoch 1 is now the current one; the next ones start early as its shards are all held
+    epochs = [book.acquire("node-b").epoch for _ in range(2 * count)]
+    assert epochs == [1] * (count - 1) + [2] * count + [3]
+    with pytest.raises(LeaseError, match="epoch 4 has not started"):
+        book.coverage(4)
 
 
 def test_status_shows_the_next_epoch_once_one_closes_without_run_ahead(book, setup):
@@ -317,3 +317,39 @@ def test_a_resume_from_an_older_version_voids_later_completions(book, setup, clo
     reissued = {book.acquire("node-b").shard.index for _ in voided}
     assert reissued == set(voided)  # owed again, in the same epoch
     assert book.rollback_after(2) == 0
+
+
+def test_by_default_nodes_run_ahead_rather_than_wait_on_held_shards(book, setup):
+    """Nodes holding finished shards until their next update must not stall each other: with
+    every shard of an epoch held, the next epoch opens, up to LOOKAHEAD of them."""
+    _, info = setup
+    count = len(info.shards)
+    grants = [book.acquire(f"node-{i}") for i in range(LOOKAHEAD * count)]
+    assert [g.epoch for g in grants] == [e for e in range(LOOKAHEAD) for _ in range(count)]
+    assert book.acquire("node-late") is None  # the cap: a node that holds this much is broken
+    book.release(grants[0].id, "node-0")
+    again = book.acquire("node-late")  # the shard given back, in the oldest epoch
+    assert (again.epoch, again.shard.id) == (0, grants[0].shard.id)
+
+
+def test_one_shard_at_a_time_through_a_whole_epoch_then_the_next(setup, clock):
+    """Lease, finish and apply one shard before the next lease: epoch 0 closes and epoch 1
+    opens (a book must not re-create epoch 0 then)."""
+    store, info = setup
+    book = LeaseBook(store.db, info, ttl_s=TTL_S, lookahead=1, clock=clock)
+    for number in range(len(info.shards)):
+        grant = book.acquire("node-a")
+        assert grant.epoch == 0
+        complete(book, grant, "node-a", f"update-{number}", number + 1)
+    assert book.coverage(0)["completed_at"] is not None
+    assert book.acquire("node-a").epoch == 1
+
+
+def test_a_resend_never_submits_leases_the_first_sending_did_not(book):
+    mine, other = book.acquire("node-a"), book.acquire("node-a")
+    assert book.hold([mine.id], "node-a", "update-1") == {mine.id: "submitted"}
+    # the same update id again (a resend, or another node reusing a published id)
+    answers = book.hold([mine.id, other.id], "node-a", "update-1", resend=True)
+    assert answers == {mine.id: "submitted", other.id: "not_in_update"}
+    assert book.applied(["update-1"], version=3) == 1
+    assert book.renew(other.id, "node-a") > 0  # still active: it was never submitted

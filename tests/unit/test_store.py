@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
 import signal
 import subprocess
@@ -237,6 +238,24 @@ def test_sweep_removes_debris_only_once_it_is_old(tmp_path):
     assert not (data_dir / "datasets/ghost").exists()
     assert list(store.documents("docs", "train")) == ["kept"]
     store.db.close()
+
+
+def test_sweep_spares_an_old_folder_with_a_live_import_in_it(tmp_path):
+    """A new dataset's folder is created once; an import of it that runs past the sweep age
+    keeps writing its temp file, and that is what counts."""
+    data_dir = tmp_path / "data"
+    DataStore(data_dir).db.close()
+    live = data_dir / "datasets/fresh/train/parts/.abc.jsonl.zst.tmp"
+    live.parent.mkdir(parents=True)
+    live.write_bytes(b"being written")
+    old = time.time() - 3600
+    for folder in (live.parent, live.parent.parent, live.parent.parent.parent):
+        os.utime(folder, (old, old))
+    DataStore(data_dir, sweep_age_s=600).db.close()
+    assert live.exists()
+    os.utime(live, (old, old))  # the import died an hour ago
+    DataStore(data_dir, sweep_age_s=600).db.close()
+    assert not (data_dir / "datasets/fresh").exists()
 
 
 def test_import_killed_midway_leaves_nothing_behind(tmp_path):
@@ -543,7 +562,11 @@ def test_remove_is_refused_while_a_lease_is_held(store, tmp_path, tokenizer):
         store.remove("docs")
 
     book.unhold("update-1")
-    book.release(grant.id, "node-a")
+    # a lease left active by a server that stopped no longer counts once it has expired
+    stale = LeaseBook(store.db, info, ttl_s=60, clock=lambda: time.time() - 3600)
+    assert stale.renew(grant.id, "node-a") < time.time()
+    with pytest.raises(StoreError, match="has epoch 0 under way"):
+        store.remove("docs")  # past the lease check, stopped by the open epoch
     with pytest.raises(StoreError, match="has epoch 0 under way.*--force"):
         store.remove("docs")  # no lease held, but a server may still be training on it
     assert snapshot(store) == before

@@ -11,8 +11,9 @@ it works. Its life:
 
 An expired or returned lease's shard goes back to the pool and is issued again. The ledger
 (`completions`) has one row per (epoch, shard), guarded by a unique constraint, so a shard can
-never count twice. Nodes may run ahead into the next epochs (up to `lookahead`) while the
-current one waits for its last shards.
+never count twice. Nodes run ahead into the next epochs while the current one waits for its
+last shards (nodes hold them), up to `lookahead` epochs open at once: a node that waits for a
+shard while holding a finished one would otherwise stall an epoch that needs its update.
 """
 
 from __future__ import annotations
@@ -26,7 +27,6 @@ from dataclasses import dataclass
 
 import numpy as np
 from sqlalchemy import func, select, update
-from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from crowdtrain.data.shards import ShardInfo, TokenizationInfo
@@ -36,6 +36,7 @@ log = logging.getLogger(__name__)
 
 LEASE_ID_PATTERN = r"^[0-9a-f]{32}$"
 HELD = ("active", "submitted")
+LOOKAHEAD = 16  # epochs open at once, at most: beyond, a node waits for a shard
 
 
 class LeaseError(Exception):
@@ -64,7 +65,7 @@ class LeaseBook:
         tokenization: TokenizationInfo,
         ttl_s: float,
         seed: int = 0,
-        lookahead: int = 2,
+        lookahead: int = LOOKAHEAD,
         clock: Callable[[], float] = time.time,
     ):
         if not tokenization.shards:
@@ -137,7 +138,8 @@ class LeaseBook:
             log.info("%d lease(s) expired; their shards go back to the pool", expired)
 
     def _open_epochs(self, session: Session) -> list[Epoch]:
-        """The oldest open epoch and up to `lookahead` - 1 after it (created as needed)."""
+        """The oldest open epoch and the `lookahead` - 1 after it (created when a lease needs
+        one): leases go to the first epoch with a free shard."""
         current = session.scalar(
             select(Epoch)
             .where(Epoch.tokenization_id == self.tokenization.id, Epoch.completed_at.is_(None))
@@ -148,7 +150,9 @@ class LeaseBook:
             last = session.scalar(
                 select(func.max(Epoch.number)).where(Epoch.tokenization_id == self.tokenization.id)
             )
-            current = Epoch(tokenization_id=self.tokenization.id, number=(last or -1) + 1)
+            current = Epoch(
+                tokenization_id=self.tokenization.id, number=0 if last is None else last + 1
+            )
             session.add(current)
             session.flush()
         epochs = [current]
@@ -237,9 +241,13 @@ class LeaseBook:
 
     # ---- what the server does around an update ------------------------------------------
 
-    def hold(self, lease_ids: list[str], node: str, update_id: str) -> dict[str, str]:
+    def hold(
+        self, lease_ids: list[str], node: str, update_id: str, resend: bool = False
+    ) -> dict[str, str]:
         """Mark the leases an update completes as submitted, before the update is queued.
-        Answers per lease: "submitted", or why it was not (the update is still accepted)."""
+        Answers per lease: "submitted", or why it was not (the update is still accepted).
+        With `resend` (the server already has this update_id) nothing changes: only leases
+        the first sending submitted are answered "submitted"."""
         answers: dict[str, str] = {}
         with self._lock, self.db.transaction() as session:
             self._expire(session)
@@ -253,6 +261,8 @@ class LeaseBook:
                     answers[lease_id] = "submitted"  # a resent update: counted once already
                 elif lease.state != "active":
                     answers[lease_id] = f"lease_{lease.state}"
+                elif resend:  # another update's id: these leases are not in that update
+                    answers[lease_id] = "not_in_update"
                 else:
                     lease.state, lease.update_id = "submitted", update_id
                     answers[lease_id] = "submitted"
@@ -280,24 +290,30 @@ class LeaseBook:
             ).all()
             now = self.clock()
             for lease in leases:
-                try:
-                    with session.begin_nested():
-                        session.add(
-                            Completion(
-                                epoch_id=lease.epoch_id,
-                                shard_id=lease.shard_id,
-                                lease_id=lease.id,
-                                node=lease.node,
-                                update_id=lease.update_id,
-                                version=version,
-                                completed_at=now,
-                            )
-                        )
-                    lease.state, lease.ended_at = "completed", now
-                    completed += 1
-                except IntegrityError:  # cannot happen while leases are checked; never count twice
+                done = session.scalar(  # cannot be while leases are checked; never count twice
+                    select(Completion.id).where(
+                        Completion.epoch_id == lease.epoch_id,
+                        Completion.shard_id == lease.shard_id,
+                    )
+                )
+                if done is not None:
                     log.error("shard %d was already completed in its epoch", lease.shard_id)
                     lease.state, lease.ended_at = "returned", now
+                    continue
+                session.add(
+                    Completion(
+                        epoch_id=lease.epoch_id,
+                        shard_id=lease.shard_id,
+                        lease_id=lease.id,
+                        node=lease.node,
+                        update_id=lease.update_id,
+                        version=version,
+                        completed_at=now,
+                    )
+                )
+                session.flush()  # the unique constraint, checked inside this transaction
+                lease.state, lease.ended_at = "completed", now
+                completed += 1
             if completed:
                 self._close_epochs(session, now)
         return completed

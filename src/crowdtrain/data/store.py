@@ -266,8 +266,8 @@ class DataStore:
                     counts["part"] = part if counts["documents"] else ""
             self._record(dataset, split, sources, per_source, seen, chars, report, label)
         except BaseException:
-            if writer is not None:
-                writer.discard()
+            if writer is not None and not self._part_recorded(dataset, split, writer.name):
+                writer.discard()  # (a Ctrl-C just after the commit keeps the recorded file)
             for directory in created:  # innermost first; only the ones this import made
                 with contextlib.suppress(OSError):
                     directory.rmdir()
@@ -330,6 +330,16 @@ class DataStore:
                 f"another import into dataset {dataset!r} finished while this one ran, with "
                 "some of the same sources or documents; run this import again"
             ) from None
+
+    def _part_recorded(self, dataset: str, split: str, part: str) -> bool:
+        with self.db.session() as session:
+            query = (
+                select(Source.id)
+                .join(Split)
+                .join(Dataset)
+                .where(Dataset.name == dataset, Split.name == split, Source.part == part)
+            )
+            return session.scalar(query.limit(1)) is not None
 
     def _dataset_id(self, dataset: str) -> int | None:
         with self.db.session() as session:
@@ -444,7 +454,11 @@ class DataStore:
                 .join(Shard, Lease.shard_id == Shard.id)
                 .join(Tokenization)
                 .join(Split)
-                .where(Split.dataset_id == row.id, Lease.state.in_(("active", "submitted")))
+                .where(
+                    Split.dataset_id == row.id,
+                    (Lease.state == "submitted")
+                    | ((Lease.state == "active") & (Lease.expires_at > time.time())),
+                )
                 .limit(1)
             )
             if held is not None:
@@ -620,9 +634,11 @@ class DataStore:
         now = time.time()
 
         def debris(path: Path) -> bool:
+            """Nothing in it changed for `age_s`: a live import keeps writing its temp file."""
             try:
-                return now - path.stat().st_mtime >= age_s
-            except FileNotFoundError:
+                files = [path, *path.rglob("*")] if path.is_dir() else [path]
+                return all(now - f.stat().st_mtime >= age_s for f in files)
+            except FileNotFoundError:  # changing right now
                 return False
 
         with self.db.session() as session:

@@ -24,10 +24,12 @@ import torch
 from crowdtrain.data.batches import SequentialBatches
 from crowdtrain.files import write_atomic
 from crowdtrain.node.client import CoordinatorClient, Refused, Stopped
+from crowdtrain.protocol.update import MAX_LEASES_PER_UPDATE
 
 log = logging.getLogger(__name__)
 
 Batch = tuple[torch.Tensor, torch.Tensor]
+MAX_CARRIES = 3  # refused updates a finished lease rides on before it is given back
 DOWNLOAD_ATTEMPTS = 3  # downloads of a shard, in all, before a failed sha256 check stops the node
 
 
@@ -48,15 +50,17 @@ class ShardCache:
         return self.directory / f"{sha256}.bin"
 
     def get(self, sha256: str) -> Path | None:
-        """The cached file, if present and still intact."""
+        """The cached file, if present and still intact. Other nodes may share the folder
+        and evict it at any moment: a file that vanishes is simply not cached."""
         path = self.path(sha256)
-        if not path.exists():
+        try:
+            if _sha256_file(path) != sha256:
+                log.warning("cached shard %s is corrupt; downloading it again", path.name)
+                path.unlink(missing_ok=True)
+                return None
+            os.utime(path)  # recently used: evicted last
+        except FileNotFoundError:
             return None
-        if _sha256_file(path) != sha256:
-            log.warning("cached shard %s is corrupt; downloading it again", path.name)
-            path.unlink(missing_ok=True)
-            return None
-        os.utime(path)  # recently used: evicted last
         return path
 
     def put(self, sha256: str, data: bytes) -> Path:
@@ -66,13 +70,19 @@ class ShardCache:
         return path
 
     def _evict(self, keep: Path) -> None:
-        files = sorted(self.directory.glob("*.bin"), key=lambda p: p.stat().st_mtime)
-        total = sum(p.stat().st_size for p in files)
-        for path in files:
+        files = []
+        for path in self.directory.glob("*.bin"):
+            try:
+                stat = path.stat()
+            except FileNotFoundError:  # another node evicted it just now
+                continue
+            files.append((stat.st_mtime, stat.st_size, path))
+        total = sum(size for _, size, _ in files)
+        for _, size, path in sorted(files):
             if total <= self.max_bytes:
                 break
             if path != keep:
-                total -= path.stat().st_size
+                total -= size
                 path.unlink(missing_ok=True)
 
 
@@ -96,6 +106,7 @@ class ShardFeed:
         self._held: dict[str, float] = {}  # lease id -> when to renew it next
         self._lost: set[str] = set()
         self._finished: list[str] = []  # read to the end, not yet in an accepted update
+        self._carries: dict[str, int] = {}  # refused updates each finished lease rode on
         self._reading: str | None = None
         self._reader: SequentialBatches | None = None
         self._pending: tuple[str, torch.Tensor, torch.Tensor] | None = None  # rows not yet used
@@ -204,9 +215,11 @@ class ShardFeed:
     # ---- what the update carries --------------------------------------------------------
 
     def take_finished(self) -> list[str]:
-        """Leases whose shards were read to the end: they go into the next update."""
+        """Leases whose shards were read to the end: they go into the next update (at most
+        MAX_LEASES_PER_UPDATE; the rest wait for the one after)."""
         with self._lock:
-            finished, self._finished = self._finished, []
+            finished = self._finished[:MAX_LEASES_PER_UPDATE]
+            self._finished = self._finished[MAX_LEASES_PER_UPDATE:]
             return finished
 
     def settled(self, answers: dict[str, str]) -> None:
@@ -215,13 +228,30 @@ class ShardFeed:
         with self._lock:
             for lease, answer in answers.items():
                 self._held.pop(lease, None)
+                self._carries.pop(lease, None)
                 if answer != "submitted":
                     log.warning("shard lease %s was not counted: %s", lease, answer)
 
     def give_back(self, leases: list[str]) -> None:
-        """The update was refused: the next one carries these leases instead."""
+        """The update was refused: the next one carries these leases instead. After
+        MAX_CARRIES refusals in a row a lease is given back to the server, so that a node whose
+        updates never land does not keep a shard from its epoch."""
         with self._lock:
-            self._finished = [lease for lease in leases if lease not in self._lost] + self._finished
+            carried, released = [], []
+            for lease in leases:
+                if lease in self._lost:
+                    continue
+                self._carries[lease] = self._carries.get(lease, 0) + 1
+                (released if self._carries[lease] > MAX_CARRIES else carried).append(lease)
+            for lease in released:
+                self._held.pop(lease, None)
+                self._lost.add(lease)
+            self._finished = carried + self._finished
+        for lease in released:
+            log.warning(
+                "lease %s: its update was refused %d times; giving it back", lease, MAX_CARRIES
+            )
+            self.client.release(lease)
 
     def close(self) -> None:
         """Stop renewing; hand back the shard being read (finished ones just expire)."""

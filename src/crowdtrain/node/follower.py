@@ -55,6 +55,12 @@ class Follower:
     def start(self) -> None:
         self._thread.start()
 
+    def join(self, timeout: float = 30.0) -> None:
+        """Wait for the thread to end (once `stop()` is true): a daemon thread still decoding
+        with torch when the interpreter exits aborts the process."""
+        if self._thread.is_alive():
+            self._thread.join(timeout)
+
     def take(self) -> list[Published]:
         """Everything fetched since the last call, oldest first."""
         with self._cond:

@@ -138,6 +138,7 @@ class Node:
         self.version = -1
         self.lineage = ""
         self.feed: ShardFeed | None = None
+        self.follower: Follower | None = None
         self.data_source = "server"
         self._accepted_uploads = 0  # on the upload thread: when to re-measure the rtt
 
@@ -306,7 +307,9 @@ class Node:
             self._finished.set()
             if self.feed is not None:
                 self.feed.close()
-            self.client.close()
+            self.client.close()  # an in-flight long poll fails now, so the follower ends
+            if self.follower is not None:
+                self.follower.join()
         return self.stats
 
     def _loop(self, progress: NodeProgress) -> None:

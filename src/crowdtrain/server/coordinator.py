@@ -180,6 +180,11 @@ class Coordinator:
         by_staleness = self.policy.min_nodes * (self.policy.max_staleness + 1)
         return max(1, min(self.policy.max_pending, by_staleness))
 
+    def seen(self, update_id: str) -> bool:
+        """Whether an update with this id was accepted recently (a resend gets its receipt)."""
+        with self._submit_lock:
+            return bool(update_id) and update_id in self._receipts
+
     def submit(self, node_id: str, update: DecodedUpdate, reserved: bool = False) -> dict:
         """Accept a checked update into the next round, or raise WireError (409 / 422 / 503).
 

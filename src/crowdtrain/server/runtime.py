@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import logging
 import shutil
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
+from sqlalchemy.exc import OperationalError
 
 from crowdtrain import __version__
 from crowdtrain.algorithms.aggregators import build_aggregator
@@ -65,6 +67,7 @@ TRAINING_KEYS = (
 )
 DEFAULT_DATASET = "pydoc-topics"  # the embedded corpus, imported at first start
 TOKENIZER_SAMPLE_CHARS = 64 << 20  # a new tokenizer learns from at most this much train text
+LEDGER_ATTEMPTS = 10  # tries to record a round's finished shards while the database is busy
 EVAL_TOKENS = 1 << 22  # the Evaluator samples its fixed windows from the first this many
 
 
@@ -299,11 +302,32 @@ class ServerRuntime:
         return downlink
 
     def _on_round(self, result: RoundResult) -> None:
-        self.leases.applied(result.update_ids, result.version)
+        self._record_completions(result)
         self.rounds.append(result.record)
         self.evaluator.notify(result.version)
         if result.version % self.settings.checkpoint_every == 0:
             self.save_checkpoint()
+
+    def _record_completions(self, result: RoundResult) -> None:
+        """Enter the round's finished shards in the ledger. A long import in another process
+        can hold the database's write lock past its busy timeout: keep trying (the round
+        waits) rather than leave the leases submitted for good."""
+        for attempt in range(1, LEDGER_ATTEMPTS + 1):
+            try:
+                self.leases.applied(result.update_ids, result.version)
+                return
+            except OperationalError as error:
+                log.warning(
+                    "recording version %d's shards in the ledger failed (attempt %d of %d): %s",
+                    result.version,
+                    attempt,
+                    LEDGER_ATTEMPTS,
+                    error,
+                )
+                time.sleep(1.0)
+        log.error(
+            "version %d's shards were not recorded; they will be leased again", result.version
+        )
 
     def save_checkpoint(self) -> Path:
         """Write a checkpoint of the current version. Call on the apply thread or when stopped."""

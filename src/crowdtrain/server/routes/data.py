@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import uuid
 from typing import Annotated
@@ -25,12 +26,13 @@ from crowdtrain.server.schemas import (
     RenewPublic,
 )
 
+log = logging.getLogger(__name__)
 router = APIRouter(tags=["data"])
 
 LeaseId = Annotated[str, Path(pattern=LEASE_ID_PATTERN, description="a lease id")]
 DatasetName = Annotated[str, Path(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")]
 FileName = Annotated[str, Path(pattern=r"^[A-Za-z0-9][A-Za-z0-9._ -]{0,199}$")]
-_ERRORS = {code: {"model": ErrorPublic} for code in (403, 404, 409, 413, 422)}
+_ERRORS = {code: {"model": ErrorPublic} for code in (403, 404, 409, 410, 413, 422)}
 NO_SHARD_RETRY_S = 5.0
 
 
@@ -85,7 +87,11 @@ def release_lease(runtime: Runtime, node_id: NodeId, lease_id: LeaseId) -> Respo
 @router.get(
     "/shards/{shard_id}",
     response_class=Response,
-    responses={200: {"content": {BINARY: {}}}, 404: {"model": ErrorPublic}},
+    responses={
+        200: {"content": {BINARY: {}}},
+        404: {"model": ErrorPublic},
+        410: {"model": ErrorPublic},
+    },
 )
 async def download_shard(
     runtime: Runtime,
@@ -107,7 +113,15 @@ async def download_shard(
             raw += shard.mask_path.read_bytes()
         return encoding.compress(raw, content_encoding), len(raw)
 
-    body, raw_bytes = await anyio.to_thread.run_sync(read)
+    try:
+        body, raw_bytes = await anyio.to_thread.run_sync(read)
+    except OSError as error:  # deleted or unreadable under a running server: not the node's fault
+        log.error("training shard %d cannot be read: %s", shard_id, error)
+        raise WireError(
+            410,
+            "shard_gone",
+            f"training shard {shard_id} cannot be read on the server; take another lease",
+        ) from None
     runtime.nodes.transferred(node_id, "shard", len(body), raw_bytes)
     headers = {"X-Crowdtrain-Sha256": shard.sha256, "ETag": f'"{shard.sha256}"'}
     return binary_response(body, content_encoding, headers)
@@ -120,7 +134,7 @@ def data_status(runtime: Runtime) -> dict:
 
 
 @router.get("/data/epochs/{number}", response_model=CoveragePublic, responses=_ERRORS)
-def epoch_coverage(runtime: Runtime, number: Annotated[int, Path(ge=0)]) -> dict:
+def epoch_coverage(runtime: Runtime, number: Annotated[int, Path(ge=0, le=2**31)]) -> dict:
     """The ledger of an epoch: the lease, node, update and version that completed each shard,
     the shards still missing, and (by construction always none) shards completed twice."""
     try:
@@ -184,7 +198,10 @@ async def upload_file(
             )
         )
     except (DataImportError, StoreError) as error:
-        raise WireError(422, "bad_data", str(error).replace(str(folder) + os.sep, "")) from None
+        message = str(error)
+        for prefix in (str(folder.resolve()), str(folder)):  # the server's paths stay its own
+            message = message.replace(prefix + os.sep, "")
+        raise WireError(422, "bad_data", message) from None
     finally:
         path.unlink(missing_ok=True)
         folder.rmdir()

@@ -71,8 +71,13 @@ async def submit_update(
             )
             _check_data(runtime, update.meta)
             if update.meta.lease_ids:  # before queueing: its round may apply at once
+                meta = update.meta
                 held = await anyio.to_thread.run_sync(
-                    runtime.leases.hold, update.meta.lease_ids, node_id, update.meta.update_id
+                    runtime.leases.hold,
+                    meta.lease_ids,
+                    node_id,
+                    meta.update_id,
+                    coordinator.seen(meta.update_id),
                 )
         except BaseException:
             coordinator.release(node_id)
