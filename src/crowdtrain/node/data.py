@@ -29,7 +29,7 @@ from crowdtrain.protocol.update import MAX_LEASES_PER_UPDATE
 log = logging.getLogger(__name__)
 
 Batch = tuple[torch.Tensor, torch.Tensor]
-MAX_CARRIES = 3  # refused updates a finished lease rides on before it is given back
+MAX_CARRIES = 3  # new updates a finished lease is carried into after its first one is refused
 DOWNLOAD_ATTEMPTS = 3  # downloads of a shard, in all, before a failed sha256 check stops the node
 
 
@@ -249,7 +249,9 @@ class ShardFeed:
             self._finished = carried + self._finished
         for lease in released:
             log.warning(
-                "lease %s: its update was refused %d times; giving it back", lease, MAX_CARRIES
+                "lease %s: the updates finishing it were refused %d times; giving it back",
+                lease,
+                MAX_CARRIES + 1,
             )
             self.client.release(lease)
 
