@@ -176,15 +176,15 @@ class DataStore:
 
         def documents() -> Iterator[tuple[int, Document]]:
             for position, source in enumerate(unique.values()):
-                read = 0
+                shown = 0  # of the file's bytes; its text can be more (escapes) or less (markup)
                 for document in read_documents(source, options):
                     yield position, document
                     if progress is not None:
-                        size = document_bytes(document)
-                        read += size
-                        progress(min(size, max(0, source.size - read + size)))
-                if progress is not None and source.size > read:
-                    progress(source.size - read)
+                        step = min(document_bytes(document), source.size - shown)
+                        shown += step
+                        progress(step)
+                if progress is not None and source.size > shown:
+                    progress(source.size - shown)
 
         return self._import(dataset, split, list(unique.items()), documents(), report, label)
 
