@@ -29,11 +29,13 @@ def test_server_killed_and_restarted_nodes_continue(e2e):
     assert info["resumed_from"] == newest
     assert newest <= info["version"] <= newest + 5  # the nodes may already be back
 
-    e2e.wait_for(
-        lambda: e2e.get("/info")["version"] >= newest + 20,
-        120,
-        "training to continue after the restart",
-    )
+    def both_back(info: dict) -> bool:
+        # a node's retries back off (up to max_backoff_s) while the server is down, so one
+        # may return several seconds after the other has already trained on
+        accepted = {n["node_id"]: n["updates_accepted"] for n in info["nodes"]}
+        return info["version"] >= newest + 20 and len(accepted) == 2 and min(accepted.values()) > 0
+
+    e2e.wait_for(lambda: both_back(e2e.get("/info")), 180, "both nodes to train after the restart")
     assert all(node.poll() is None for node in e2e.swarm.nodes), e2e.logs()
     after = {n["node_id"]: n for n in e2e.get("/info")["nodes"]}
     assert set(after) == {"demo-node-0", "demo-node-1"}
