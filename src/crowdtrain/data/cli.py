@@ -38,6 +38,8 @@ def _store(data_dir: Path | None, config: Path | None):
         return DataStore(settings.data_dir, database)
     except (SettingsError, DatabaseError) as error:
         fail(str(error))
+    except OSError as error:  # a data directory that cannot be created or written
+        fail(f"cannot use the data directory: {error}")
 
 
 @data_app.command("import")
@@ -147,7 +149,10 @@ def show(
 
     store = _store(data_dir, config)
     tokenizer_file = store.data_dir / "tokenizer.json"
-    current = Tokenizer.load(tokenizer_file).version if tokenizer_file.exists() else None
+    try:
+        current = Tokenizer.load(tokenizer_file).version if tokenizer_file.exists() else None
+    except ValueError:  # unreadable: show the tokenizations without judging them stale
+        current = None
     try:
         dataset = store.show(name, current)
     except StoreError as error:

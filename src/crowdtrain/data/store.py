@@ -4,7 +4,7 @@ atomically, deduplicated, and tokenized into fixed-size shards.
 On disk, under `DATA_DIR/datasets/NAME/SPLIT/`:
 - `parts/ID.jsonl.zst`: the documents one import added (JSON lines, zstd), shared by the
   sources of that import;
-- `tokens/TOKENIZER-SHARDSIZE-rREVISION/`: the split as token shards (format: data/shards.py).
+- `tokens/TOKENIZER-SHARDSIZE-rREVISION-ID/`: the split as token shards (format: data/shards.py).
 The database holds what exists: a file the database does not name is debris of an interrupted
 import or tokenization and is removed when the store opens. So an import is atomic: its part
 file is written (temp, fsync, rename) before the one transaction that records it.
@@ -512,14 +512,7 @@ class DataStore:
                     f"`crowdtrain data import PATH --dataset {dataset} --split {split}`"
                 )
             revision = split_row.revision
-            existing = session.scalar(
-                select(Tokenization).where(
-                    Tokenization.split_id == split_row.id,
-                    Tokenization.tokenizer_version == tokenizer.version,
-                    Tokenization.shard_tokens == shard_tokens,
-                    Tokenization.revision == revision,
-                )
-            )
+            existing = _find_tokenization(session, split_row.id, tokenizer, shard_tokens, revision)
             if existing is not None:
                 return self._info(existing, dataset, split)
             split_id = split_row.id
@@ -546,9 +539,9 @@ class DataStore:
 
     def _record_tokenization(self, split_id, dataset, split, revision, tokenizer, built):
         building, index = built
-        final = building.with_name(f"{tokenizer.version}-{index['shard_tokens']}-r{revision}")
-        if final.exists():  # debris of a build the database never recorded
-            shutil.rmtree(final)
+        # a name of its own: two processes building the same tokenization never share a folder
+        name = f"{tokenizer.version}-{index['shard_tokens']}-r{revision}-{uuid.uuid4().hex[:8]}"
+        final = building.with_name(name)
         os.replace(building, final)
         fsync_directory(final.parent)
         try:
@@ -574,13 +567,8 @@ class DataStore:
         except IntegrityError:  # another process built the same one first: use theirs
             shutil.rmtree(final, ignore_errors=True)
             with self.db.session() as session:
-                row = session.scalar(
-                    select(Tokenization).where(
-                        Tokenization.split_id == split_id,
-                        Tokenization.tokenizer_version == tokenizer.version,
-                        Tokenization.shard_tokens == index["shard_tokens"],
-                        Tokenization.revision == revision,
-                    )
+                row = _find_tokenization(
+                    session, split_id, tokenizer, index["shard_tokens"], revision
                 )
                 return self._info(row, dataset, split)
         log.info(
@@ -690,6 +678,17 @@ class DataStore:
                     directory = self.data_dir / row.directory
                     session.execute(delete(Tokenization).where(Tokenization.id == row.id))
                     shutil.rmtree(directory, ignore_errors=True)
+
+
+def _find_tokenization(session, split_id: int, tokenizer, shard_tokens: int, revision: int):
+    return session.scalar(
+        select(Tokenization).where(
+            Tokenization.split_id == split_id,
+            Tokenization.tokenizer_version == tokenizer.version,
+            Tokenization.shard_tokens == shard_tokens,
+            Tokenization.revision == revision,
+        )
+    )
 
 
 class _PartWriter:

@@ -111,7 +111,6 @@ class ShardFeed:
         self._reader: SequentialBatches | None = None
         self._pending: tuple[str, torch.Tensor, torch.Tensor] | None = None  # rows not yet used
         self.shards_read = 0
-        self.epoch: int | None = None
         self._stop = threading.Event()
         self._renewer = threading.Thread(target=self._renew_loop, name="leases", daemon=True)
         self._renewer.start()
@@ -171,7 +170,7 @@ class ShardFeed:
                     self._lost.add(lease)
                 continue
             break
-        self._reading, self.epoch = lease, offer["epoch"]
+        self._reading = lease
         self._reader = SequentialBatches(tokens, self.batch_size, self.block_size, mask=mask)
 
     def _wait(self, seconds: float) -> None:

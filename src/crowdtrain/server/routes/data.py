@@ -205,7 +205,7 @@ async def upload_file(
     finally:
         path.unlink(missing_ok=True)
         folder.rmdir()
-    return {**_report(report)}
+    return _report(report)
 
 
 async def _receive(request: Request, handle, cap: int) -> None:
