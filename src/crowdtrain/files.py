@@ -7,14 +7,15 @@ import tempfile
 from pathlib import Path
 
 
-def write_atomic(path: Path, data: bytes | str) -> None:
-    """Replace `path` with `data` so that readers see the old file or the new one, never half."""
+def write_atomic(path: Path, data: bytes | str, mode: int | None = None) -> None:
+    """Replace `path` with `data` so that readers see the old file or the new one, never half.
+    `mode` sets the permissions (0o600 for secrets); default: what open() would give."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     payload = data.encode("utf-8") if isinstance(data, str) else data
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
-        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600; give what open() would
+        os.fchmod(fd, 0o666 & ~_umask() if mode is None else mode)  # mkstemp makes 0600
         with os.fdopen(fd, "wb") as handle:
             handle.write(payload)
             handle.flush()

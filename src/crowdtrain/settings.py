@@ -12,7 +12,14 @@ from contextvars import ContextVar
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field, ValidationError, ValidationInfo, field_validator, model_validator
+from pydantic import (
+    Field,
+    SecretStr,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 if sys.version_info >= (3, 11):
@@ -139,6 +146,69 @@ class ServerSettings(_Settings):
     max_upload_mb: float = Field(
         1024, gt=0, description="largest data file accepted by the HTTP upload endpoint"
     )
+    # ---- security (docs/security.md, docs/deployment.md) ----
+    admin_token: SecretStr | None = Field(
+        None,
+        description="an admin token to accept (ct_admin_...); unset: one is made at first "
+        "start and printed once",
+    )
+    jwt_secret: SecretStr | None = Field(
+        None,
+        description="secret that signs node access tokens; unset: a random one kept in "
+        "data_dir/secrets",
+    )
+    access_token_ttl_s: float = Field(
+        900, ge=10, le=86400, description="lifetime of a node's access token (it renews it)"
+    )
+    public_dashboard: bool = Field(
+        False, description="let anyone read what viewers read (info, history, data status)"
+    )
+    tls_cert: Path | None = Field(None, description="PEM certificate (chain) to serve HTTPS/WSS")
+    tls_key: Path | None = Field(None, description="PEM private key of tls_cert")
+    self_signed: bool = Field(
+        False,
+        description="serve HTTPS with a development certificate made in data_dir/tls "
+        "(nodes pin its SHA-256 fingerprint)",
+    )
+    trusted_proxies: str = Field(
+        "127.0.0.1",
+        description="comma-separated addresses of reverse proxies whose X-Forwarded-For and "
+        "X-Forwarded-Proto are believed; '*' trusts any",
+    )
+    root_path: str = Field(
+        "", pattern=r"^(/[A-Za-z0-9._~-]+)*$", description="path prefix under a reverse proxy"
+    )
+    max_connections: int = Field(
+        1000, ge=1, description="open HTTP connections at most; more get 503"
+    )
+    max_sessions: int = Field(1000, ge=1, description="node WebSocket sessions at most")
+    max_request_kb: float = Field(
+        64, gt=0, description="body cap of every route but updates and data uploads"
+    )
+    header_timeout_s: float = Field(
+        10, gt=0, description="a request's headers must arrive within this time"
+    )
+    body_timeout_s: float = Field(
+        30, gt=0, description="a request body may pause at most this long between chunks"
+    )
+    min_body_rate: float = Field(
+        1024, ge=0, description="bytes per second a body must average after body_timeout_s"
+    )
+    max_submissions_per_min: int = Field(
+        600, ge=1, description="updates one node may submit per minute; more get 429"
+    )
+    max_auth_failures_per_min: int = Field(
+        20, ge=1, description="failed logins from one address per minute before 429"
+    )
+    max_registrations_per_min: int = Field(
+        10, ge=1, description="node registrations from one address per minute before 429"
+    )
+    heartbeat_s: float = Field(
+        2.0, gt=0, le=60, description="how often nodes send a heartbeat on their WebSocket"
+    )
+    session_timeout_s: float = Field(
+        6.0, gt=0, le=600, description="a node silent on its WebSocket this long is gone"
+    )
     checkpoint_every: int = Field(50, ge=1, description="write a checkpoint every N versions")
     keep_checkpoints: int = Field(3, ge=1, description="how many checkpoints to keep")
     delta_window: int = Field(8, ge=1, description="published deltas kept for incremental pulls")
@@ -147,6 +217,14 @@ class ServerSettings(_Settings):
     eval_every: int = Field(10, ge=1, description="validate every N versions (and when idle)")
     eval_batches: int = Field(8, ge=1)
     eval_batch_size: int = Field(16, ge=1)
+
+    @model_validator(mode="after")
+    def _tls_pair(self) -> ServerSettings:
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("tls_cert and tls_key go together: give both, or neither")
+        if self.self_signed and self.tls_cert is not None:
+            raise ValueError("give either self_signed or tls_cert/tls_key, not both")
+        return self
 
     @field_validator("model", "optimizer", "aggregator", "downlink_value_codec")
     @classmethod
@@ -192,6 +270,27 @@ class NodeSettings(_Settings):
         max_length=NODE_NAME_MAX,
         pattern=rf"^[{NODE_NAME_CHARS}]+$",
         description="node name shown by the server; default host-pid",
+    )
+    token: SecretStr | None = Field(
+        None,
+        description="enrollment token from the server's admin (ct_enroll_...); needed once, "
+        "to register this node",
+    )
+    config_dir: Path | None = Field(
+        None,
+        description="where the node keeps its identity per server; default ~/.config/crowdtrain",
+    )
+    ca_cert: Path | None = Field(
+        None, description="PEM file of the CA that signed the server's certificate"
+    )
+    pin_sha256: str | None = Field(
+        None,
+        pattern=r"^[0-9A-Fa-f:]{64,95}$",
+        description="the server certificate's SHA-256 fingerprint (from a --self-signed "
+        "server); the node accepts only that certificate",
+    )
+    websocket: bool = Field(
+        True, description="keep a WebSocket session with the server (pushes, heartbeats)"
     )
     device: str = Field("auto", description="auto, cpu, cuda or cuda:N")
     batch_size: int = Field(16, ge=1, le=4096, description="sequences per micro-batch")

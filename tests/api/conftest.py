@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import time
 from collections.abc import Iterator
 
@@ -17,7 +18,17 @@ from crowdtrain.server.runtime import ServerRuntime
 from crowdtrain.settings import ServerSettings
 
 API = "/api/v1"
-NODE_HEADER = "X-Crowdtrain-Node"
+# every test server accepts this admin token (CROWDTRAIN_ADMIN_TOKEN)
+ADMIN_TOKEN = "ct_admin_" + "test" * 10
+ADMIN = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
+# what every test server sets: the admin token, and room for the many nodes tests register
+TEST_SECURITY = {"admin_token": ADMIN_TOKEN, "max_registrations_per_min": 100_000}
+# one counter for every node's updates: each body gets a higher seq than any built before it
+_SEQ = itertools.count(1)
+
+
+def next_seq() -> int:
+    return next(_SEQ)
 
 
 class Server:
@@ -26,14 +37,43 @@ class Server:
     def __init__(self, client: TestClient, runtime: ServerRuntime):
         self.client = client
         self.runtime = runtime
+        self._node_headers: dict[str, dict[str, str]] = {}
+        self._enrollment: str | None = None
 
     def get(self, path: str, **kwargs):
-        return self.client.get(API + path, **kwargs)
+        """GET as the admin (unless the call gives its own Authorization)."""
+        headers = {**ADMIN, **kwargs.pop("headers", {})}
+        return self.client.get(API + path, headers=headers, **kwargs)
+
+    def enrollment_token(self, uses: int | None = None, expires: str | None = None) -> str:
+        body = {"role": "node", "uses": uses, "expires": expires}
+        response = self.client.post(API + "/tokens", json=body, headers=ADMIN)
+        assert response.status_code == 201, response.text
+        return response.json()["token"]
+
+    def register(self, name: str, token: str | None = None) -> dict:
+        """Register a node; its credentials (node_id, access_token, refresh_token, ...)."""
+        if token is None:
+            self._enrollment = self._enrollment or self.enrollment_token()
+            token = self._enrollment
+        response = self.client.post(
+            API + "/nodes/register", json={"enrollment_token": token, "name": name}
+        )
+        assert response.status_code == 201, response.text
+        return response.json()
+
+    def as_node(self, name: str) -> dict[str, str]:
+        """Headers that make a request node `name`'s (registered on first use)."""
+        if name not in self._node_headers:
+            credentials = self.register(name)
+            assert credentials["node_id"] == name, "a test node name was registered twice"
+            self._node_headers[name] = {"Authorization": f"Bearer {credentials['access_token']}"}
+        return self._node_headers[name]
 
     def post_update(self, body, node: str | None = "node-a", content_encoding="zstd", **kwargs):
         headers = dict(kwargs.pop("headers", {}))
         if node is not None:
-            headers[NODE_HEADER] = node
+            headers.update(self.as_node(node))
         if content_encoding is not None:
             headers["Content-Encoding"] = content_encoding
         return self.client.post(API + "/updates", content=body, headers=headers, **kwargs)
@@ -110,6 +150,7 @@ class Server:
             samples=8,
             tokens=1024,
             loss=5.0,
+            seq=next_seq(),
         )
         fields.update(meta_changes)
         # model_construct skips validation, so tests can also build deliberately bad metadata
@@ -126,7 +167,7 @@ def server(request, tmp_path_factory) -> Iterator[Server]:
         model="tiny",
         evaluate=False,
         min_nodes=1,
-        **overrides,
+        **{**TEST_SECURITY, **overrides},
     )
     app = create_app(settings)
     with TestClient(app) as client:

@@ -10,6 +10,8 @@ import torch
 from crowdtrain.compression import SparseDelta, TopKCompressor, get_value_codec
 from crowdtrain.protocol.update import UPDATE_FORMAT, UpdateMeta, encode_update
 
+from .conftest import next_seq
+
 MAX_DENSITY = 0.05
 SERVER_SETTINGS = {"density_cap": MAX_DENSITY, "checkpoint_every": 1000}
 
@@ -26,6 +28,7 @@ def body(server, deltas: dict[str, SparseDelta], **meta) -> bytes:
         tokens=1024,
         loss=5.0,
         index_codec="delta",
+        seq=next_seq(),
         **meta,
     )
     # model_construct skips validation, so a test can also send metadata a node never would

@@ -27,7 +27,7 @@ from crowdtrain.server.app import create_app
 from crowdtrain.server.runtime import DEFAULT_DATASET
 from crowdtrain.settings import ServerSettings
 
-from .conftest import API, NODE_HEADER, Server
+from .conftest import API, TEST_SECURITY, Server, next_seq
 
 # small shards: dozens of them, so the tests sharing this server never run out
 SERVER_SETTINGS = {"shard_tokens": 4096, "max_staleness": 0, "checkpoint_every": 1000}
@@ -42,7 +42,13 @@ def start_server(tmp_path) -> Iterator[Callable[..., Server]]:
     with contextlib.ExitStack() as stack:
 
         def start(**overrides) -> Server:
-            fields = {"model": "tiny", "evaluate": False, "min_nodes": 1, **overrides}
+            fields = {
+                "model": "tiny",
+                "evaluate": False,
+                "min_nodes": 1,
+                **TEST_SECURITY,
+                **overrides,
+            }
             settings = ServerSettings(data_dir=tmp_path / uuid.uuid4().hex, **fields)
             app = create_app(settings)
             client = stack.enter_context(TestClient(app))
@@ -52,17 +58,17 @@ def start_server(tmp_path) -> Iterator[Callable[..., Server]]:
 
 
 def acquire(server: Server, node: str) -> dict:
-    response = server.client.post(API + "/leases", headers={NODE_HEADER: node})
+    response = server.client.post(API + "/leases", headers=server.as_node(node))
     assert response.status_code == 200, response.text
     return response.json()
 
 
 def renew(server: Server, lease_id: str, node: str):
-    return server.client.post(API + f"/leases/{lease_id}/renew", headers={NODE_HEADER: node})
+    return server.client.post(API + f"/leases/{lease_id}/renew", headers=server.as_node(node))
 
 
 def release(server: Server, lease_id: str, node: str):
-    return server.client.delete(API + f"/leases/{lease_id}", headers={NODE_HEADER: node})
+    return server.client.delete(API + f"/leases/{lease_id}", headers=server.as_node(node))
 
 
 def coverage(server: Server, epoch: int = 0) -> dict:
@@ -96,6 +102,7 @@ def node_update(
         update_id=update_id,
         leases=list(leases),
         data_source=data_source,
+        seq=next_seq(),
     )
     return body, update_id
 
@@ -226,7 +233,7 @@ def test_a_shard_downloads_whole_and_verified_in_either_encoding(server):
     grant = acquire(server, "downloader")
     shard = grant["shard"]
     before = server.info()["traffic"]["shard"]
-    headers = {NODE_HEADER: "downloader", "Accept-Encoding": "identity"}
+    headers = {**server.as_node("downloader"), "Accept-Encoding": "identity"}
     plain = server.get(f"/shards/{shard['id']}", headers=headers)
     assert plain.status_code == 200 and "content-encoding" not in plain.headers
     raw = plain.content
@@ -256,7 +263,7 @@ def test_validation_and_unknown_shards_are_not_served(server):
     before = server.info()["traffic"]["shard"]
     for shard_id in [s.id for s in valid.shards] + [unknown]:
         assert shard_id not in runtime.leases.shards
-        response = server.get(f"/shards/{shard_id}", headers={NODE_HEADER: "peek"})
+        response = server.get(f"/shards/{shard_id}", headers=server.as_node("peek"))
         assert response.status_code == 404
         assert response.json()["error"] == "unknown_shard"
         assert str(shard_id) in response.json()["detail"]
@@ -327,6 +334,7 @@ def test_an_update_finishing_leases_must_carry_an_update_id(server):
         tokens=1024,
         loss=5.0,
         leases=grant["lease"],
+        seq=next_seq(),
     )
     response = server.post_update(encode_update(deltas, meta), node="anonymous-update")
     assert response.status_code == 422
@@ -347,7 +355,7 @@ def test_a_shard_that_cannot_be_read_is_gone_not_a_server_error(start_server):
     grant = acquire(broken, "reader")
     shard = broken.runtime.leases.shards[grant["shard"]["id"]]
     shard.path.unlink()  # deleted under the running server
-    response = broken.client.get(API + f"/shards/{shard.id}", headers={NODE_HEADER: "reader"})
+    response = broken.client.get(API + f"/shards/{shard.id}", headers=broken.as_node("reader"))
     assert response.status_code == 410 and response.json()["error"] == "shard_gone"
     assert broken.get("/health").status_code == 200
 

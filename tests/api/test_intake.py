@@ -241,7 +241,7 @@ def test_body_over_the_cap_with_content_length_is_413(server):
         "POST",
         "/api/v1/updates",
         content=body,
-        headers={"X-Crowdtrain-Node": "big-node", "Content-Encoding": "zstd"},
+        headers={**server.as_node("big-node"), "Content-Encoding": "zstd"},
     )
     assert request.headers["content-length"] == str(CAP + 1)
     error = assert_error(server.client.send(request), 413, "too_large")
@@ -260,7 +260,7 @@ def test_body_over_the_cap_without_content_length_is_413(server):
         "POST",
         "/api/v1/updates",
         content=chunks(),
-        headers={"X-Crowdtrain-Node": "chunked-node", "Content-Encoding": "zstd"},
+        headers={**server.as_node("chunked-node"), "Content-Encoding": "zstd"},
     )
     assert "content-length" not in request.headers
     assert request.headers["transfer-encoding"] == "chunked"
@@ -274,9 +274,7 @@ def test_oversized_body_is_counted_as_refused(server, chunked):
     node = f"oversize-{int(chunked)}"
     body = b"\0" * (CAP + 1)
     content = iter([body]) if chunked else body
-    response = server.client.post(
-        "/api/v1/updates", content=content, headers={"X-Crowdtrain-Node": node}
-    )
+    response = server.client.post("/api/v1/updates", content=content, headers=server.as_node(node))
     assert response.status_code == 413
     record = server.node(node)
     assert record is not None and record["updates_refused"] == 1
@@ -288,22 +286,33 @@ def test_non_numeric_content_length_is_400(server):
         "POST",
         "/api/v1/updates",
         content=b"abc",
-        headers={"X-Crowdtrain-Node": "length-node", "Content-Length": "3x"},
+        headers={**server.as_node("length-node"), "Content-Length": "3x"},
     )
     assert request.headers["content-length"] == "3x"
     assert_error(server.client.send(request), 400, "bad_length")
     assert_state_unchanged(before, server_state(server))
 
 
-@pytest.mark.parametrize("node_id", ["has space", "x" * 65, "semi;colon", "   "])
-def test_bad_node_header_is_400(server, node_id):
+@pytest.mark.parametrize(
+    "authorization, code",
+    [
+        (None, "not_authenticated"),
+        ("Bearer not-a-token", "bad_token"),
+        ("Bearer a.b.c", "bad_token"),
+        ("Basic bm9kZTpwdw==", "bad_token"),
+    ],
+    ids=["none", "unknown", "bad-jwt", "basic"],
+)
+def test_update_without_a_node_token_is_401(server, authorization, code):
     body = server.update_body(seed=8)
     before = server_state(server)
-    response = server.post_update(body, node=node_id)
-    detail = assert_error(response, 400, "bad_node_id")["detail"]
-    assert "X-Crowdtrain-Node" in detail
+    headers = {"Content-Encoding": "zstd"}
+    if authorization is not None:
+        headers["Authorization"] = authorization
+    response = server.client.post("/api/v1/updates", content=body, headers=headers)
+    assert_error(response, 401, code)
+    assert response.headers["www-authenticate"] == "Bearer"
     assert_state_unchanged(before, server_state(server))
-    assert all(n["node_id"] != node_id.strip() for n in server.info()["nodes"])
 
 
 def test_refusals_do_not_block_the_next_good_update(server):

@@ -12,8 +12,6 @@ from crowdtrain.model.tokenizer import Tokenizer
 from crowdtrain.protocol import encoding
 from crowdtrain.protocol.snapshot import decode_snapshot
 
-NODE = {"X-Crowdtrain-Node": "reader-1"}
-
 
 def raw_get(server, path: str, **kwargs):
     """(response, body exactly as sent): httpx would otherwise undo a Content-Encoding."""
@@ -78,7 +76,9 @@ def test_tokenizer(server):
 
 def test_snapshot_fp32_is_exactly_the_model(server):
     response, body = raw_get(
-        server, "/model/snapshot", headers={**NODE, "Accept-Encoding": "identity"}
+        server,
+        "/model/snapshot",
+        headers={**server.as_node("reader-1"), "Accept-Encoding": "identity"},
     )
     assert response.status_code == 200
     assert response.headers["content-type"] == "application/octet-stream"
@@ -167,14 +167,14 @@ def test_snapshot_downloads_are_counted_for_the_node(server):
     before_bytes = before["bytes_out"] if before else 0
     response = server.get(
         "/model/snapshot",
-        headers={"X-Crowdtrain-Node": "counter-node", "Accept-Encoding": "identity"},
+        headers={**server.as_node("counter-node"), "Accept-Encoding": "identity"},
     )
     assert response.status_code == 200
     assert server.node("counter-node")["bytes_out"] == before_bytes + len(response.content)
 
 
 def test_snapshot_with_a_bad_node_header_is_400(server):
-    response = server.get("/model/snapshot", headers={"X-Crowdtrain-Node": "not a name!"})
+    response = server.get("/model/snapshot", headers=server.as_node("not a name!"))
     assert_error(response, 400, "bad_node_id")
     assert server.node("not a name!") is None
 

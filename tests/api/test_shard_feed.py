@@ -14,8 +14,6 @@ from crowdtrain.node.client import CoordinatorClient, Refused
 from crowdtrain.node.data import MAX_CARRIES, ShardCache, ShardFeed
 from crowdtrain.protocol.update import MAX_LEASES_PER_UPDATE
 
-from .conftest import NODE_HEADER
-
 SERVER_SETTINGS = {"shard_tokens": 1024}
 # the node's client passes per-request timeouts, which Starlette's TestClient ignores and flags
 pytestmark = pytest.mark.filterwarnings("ignore:You should not use the 'timeout' argument")
@@ -33,7 +31,7 @@ def make_feed(server, tmp_path):
         # the real app, in-process, as this node. Uncompressed: Starlette's TestClient hands
         # back bodies without undoing Content-Encoding (real nodes get zstd; the e2e tests)
         client._http = TestClient(
-            server.client.app, headers={NODE_HEADER: name, "Accept-Encoding": "identity"}
+            server.client.app, headers={**server.as_node(name), "Accept-Encoding": "identity"}
         )
         block = server.runtime.config.block_size
         feed = ShardFeed(
@@ -90,7 +88,7 @@ def test_finished_leases_wait_for_an_accepted_update(server, make_feed):
     assert finished[0] not in feed._held
     assert (
         server.client.post(
-            f"/api/v1/leases/{finished[0]}/renew", headers={NODE_HEADER: "carrier"}
+            f"/api/v1/leases/{finished[0]}/renew", headers=server.as_node("carrier")
         ).status_code
         == 200
     )  # still the node's until its update applies, but no longer renewed
@@ -101,7 +99,7 @@ def test_a_lost_lease_is_left_for_another_shard(server, make_feed):
     feed.next()
     lost = feed._reading
     # the server lets it expire (the node seemed gone); the next renewal finds out
-    server.client.delete(f"/api/v1/leases/{lost}", headers={NODE_HEADER: "sleeper"})
+    server.client.delete(f"/api/v1/leases/{lost}", headers=server.as_node("sleeper"))
     with feed._lock:
         feed._held[lost] = 0.0
     deadline = time.monotonic() + 10

@@ -13,13 +13,13 @@ def test_bytes_are_counted_per_node_and_kind_on_the_wire_and_raw(server):
     assert server.post_update(body, node="counted").status_code == 202
     server.wait_past(version)
     snapshot = server.get(
-        "/model/snapshot", headers={"X-Crowdtrain-Node": "counted", "Accept-Encoding": "identity"}
+        "/model/snapshot", headers={**server.as_node("counted"), "Accept-Encoding": "identity"}
     )
     assert snapshot.status_code == 200
     deltas = server.get(
         "/model/deltas",
         params={"since": version, "lineage": server.version()[1]},
-        headers={"X-Crowdtrain-Node": "counted", "Accept-Encoding": "zstd"},
+        headers={**server.as_node("counted"), "Accept-Encoding": "zstd"},
     )
     assert deltas.status_code == 200
 

@@ -1,5 +1,5 @@
 """Tables: datasets and their splits, imported sources, tokenized shards, leases and the epoch
-ledger, and the Evaluator's history.
+ledger, the Evaluator's history, and the accounts (tokens, enrolled nodes, the audit log).
 
 A document's content hash lives in `document_hashes` so an import can drop exact duplicates
 across every split of a dataset (a validation document never also lands in train)."""
@@ -16,6 +16,7 @@ from sqlalchemy import (
     LargeBinary,
     MetaData,
     String,
+    Text,
     UniqueConstraint,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
@@ -187,3 +188,54 @@ class Evaluation(Base):
     eval_s: Mapped[float] = mapped_column(Float)
     dataset: Mapped[str] = mapped_column(String(64))
     sample_tokens: Mapped[int] = mapped_column(BigInteger)
+
+
+class AccessToken(Base):
+    """A bearer secret, stored only as its sha256. Kinds: `api` (an admin or viewer uses it on
+    every request) and `enroll` (a node trades it once per registration for an identity)."""
+
+    __tablename__ = "access_tokens"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    hash: Mapped[str] = mapped_column(String(64), unique=True)
+    prefix: Mapped[str] = mapped_column(String(24))  # the first characters, to recognise it
+    kind: Mapped[str] = mapped_column(String(8))
+    role: Mapped[str] = mapped_column(String(8))
+    label: Mapped[str] = mapped_column(String(200), default="")
+    uses: Mapped[int] = mapped_column(Integer, default=0)
+    max_uses: Mapped[int | None] = mapped_column(Integer, nullable=True)  # None: no limit
+    created_at: Mapped[float] = mapped_column(Float, default=time.time)
+    created_by: Mapped[str] = mapped_column(String(80))
+    expires_at: Mapped[float | None] = mapped_column(Float, nullable=True)
+    revoked_at: Mapped[float | None] = mapped_column(Float, nullable=True)
+    last_used_at: Mapped[float | None] = mapped_column(Float, nullable=True)
+
+
+class NodeAccount(Base):
+    """A node's identity, made at registration. Its refresh token (hash only) buys short-lived
+    access tokens; `last_seq` is the highest submission sequence number it has used."""
+
+    __tablename__ = "node_accounts"
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)  # the node id
+    name: Mapped[str] = mapped_column(String(64))  # what the node asked to be called
+    token_id: Mapped[int | None] = mapped_column(
+        ForeignKey("access_tokens.id", ondelete="SET NULL"), nullable=True
+    )
+    refresh_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    created_at: Mapped[float] = mapped_column(Float, default=time.time)
+    last_seen_at: Mapped[float | None] = mapped_column(Float, nullable=True)
+    last_seq: Mapped[int] = mapped_column(BigInteger, default=0)
+    revoked_at: Mapped[float | None] = mapped_column(Float, nullable=True)
+    revoked_reason: Mapped[str | None] = mapped_column(String(200), nullable=True)
+
+
+class AuditEvent(Base):
+    """Who did what: admin actions, token use, registrations, revocations, refusals."""
+
+    __tablename__ = "audit_events"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    time: Mapped[float] = mapped_column(Float, default=time.time, index=True)
+    actor: Mapped[str] = mapped_column(String(100))  # admin:3, node:NAME, anonymous
+    action: Mapped[str] = mapped_column(String(40), index=True)
+    target: Mapped[str] = mapped_column(String(100), default="")
+    detail: Mapped[str] = mapped_column(Text, default="")
+    address: Mapped[str] = mapped_column(String(64), default="")  # the client's IP address

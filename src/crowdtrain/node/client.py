@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import random
+import ssl
 import threading
 import time
 from collections.abc import Callable
@@ -15,7 +16,7 @@ import torch
 from crowdtrain import __version__
 from crowdtrain.compression.sparse import SparseDelta
 from crowdtrain.model.gpt import GPTConfig
-from crowdtrain.protocol import NODE_ID_HEADER
+from crowdtrain.node.credentials import NodeLogin
 from crowdtrain.protocol.manifest import Manifest
 from crowdtrain.protocol.snapshot import decode_deltas, decode_snapshot
 
@@ -51,14 +52,20 @@ class CoordinatorClient:
     def __init__(
         self,
         base_url: str,
-        node_id: str,
+        login: NodeLogin | None = None,
         timeout_s: float = 120.0,
         max_backoff_s: float = 30.0,
         should_stop: Callable[[], bool] = lambda: False,
         upload_limit: float | None = None,
+        api_token: str | None = None,
+        verify: ssl.SSLContext | bool = True,
     ):
+        """`login`: a node's identity (node routes); `api_token`: an admin or viewer token
+        (reading, downloads); `verify`: the TLS context that checks the server (node/tls.py)."""
         self.base_url = base_url.rstrip("/")
-        self.node_id = node_id
+        self.login = login
+        self.api_token = api_token
+        self.verify = verify
         self.max_backoff_s = max_backoff_s
         self.should_stop = should_stop
         # one bucket for every upload of this node: a cap on its link, not per request
@@ -69,28 +76,52 @@ class CoordinatorClient:
             base_url=self.base_url,
             timeout=httpx.Timeout(timeout_s, connect=10.0),
             headers={
-                NODE_ID_HEADER: node_id,
                 "Accept-Encoding": "zstd, br",
                 "User-Agent": f"crowdtrain-node/{__version__}",
             },
+            verify=verify,
         )
+
+    @property
+    def node_id(self) -> str | None:
+        return self.login.node_id if self.login is not None else None
+
+    def connect(self) -> None:
+        """Register or log in (a node); a no-op with an API token."""
+        if self.login is not None:
+            self.login.login(self._http)
+
+    def auth_headers(self) -> dict[str, str]:
+        if self.login is not None:
+            return {"Authorization": f"Bearer {self.login.bearer(self._http)}"}
+        if self.api_token:
+            return {"Authorization": f"Bearer {self.api_token}"}
+        return {}
 
     def close(self) -> None:
         self._http.close()
+        if self.login is not None:
+            self.login.release()
 
     def request(self, method: str, path: str, **kwargs) -> httpx.Response:
         """Send until the server answers; retry connection errors, 5xx and 429 with backoff."""
-        attempt = 0
+        attempt, renewed = 0, False
         while True:
             if self.should_stop():
                 raise Stopped()
             try:
-                response = self._http.request(method, API + path, **self._paced(kwargs))
+                response = self._http.request(
+                    method, API + path, **self._paced(self._authed(kwargs))
+                )
             except httpx.TransportError as exc:
                 reason, retry_after = f"server unreachable ({type(exc).__name__})", None
             else:
                 with self._lock:
                     self.traffic.received += response.num_bytes_downloaded
+                if response.status_code == 401 and self.login is not None and not renewed:
+                    renewed = True  # the access token expired (or the server restarted anew)
+                    self.login.renew(self._http)
+                    continue
                 if response.status_code < 500 and response.status_code != 429:
                     if response.status_code >= 400:
                         raise Refused(
@@ -106,6 +137,9 @@ class CoordinatorClient:
             log.warning("%s; retrying in %.1f s", reason, delay)
             attempt += 1
             self._sleep(delay)
+
+    def _authed(self, kwargs: dict) -> dict:
+        return {**kwargs, "headers": {**kwargs.get("headers", {}), **self.auth_headers()}}
 
     def _paced(self, kwargs: dict) -> dict:
         """Request arguments whose body goes through the upload limit (a fresh stream for each
@@ -198,8 +232,10 @@ class CoordinatorClient:
         """Give a lease back, once and quickly (the node is stopping); True if the server took
         it. Otherwise it expires on its own."""
         try:
-            response = self._http.delete(f"{API}/leases/{lease_id}", timeout=5.0)
-        except httpx.HTTPError:
+            response = self._http.delete(
+                f"{API}/leases/{lease_id}", timeout=5.0, headers=self.auth_headers()
+            )
+        except (httpx.HTTPError, RuntimeError):
             return False
         return response.status_code == 204
 

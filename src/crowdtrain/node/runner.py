@@ -12,7 +12,6 @@ which the server accepts.
 from __future__ import annotations
 
 import logging
-import os
 import re
 import socket
 import threading
@@ -33,6 +32,7 @@ from crowdtrain.data.corpus import load_text_files
 from crowdtrain.model.gpt import GPT
 from crowdtrain.model.tokenizer import Tokenizer
 from crowdtrain.node.client import CoordinatorClient, Refused, Stopped
+from crowdtrain.node.credentials import NodeLogin, default_config_dir
 from crowdtrain.node.data import ShardCache, ShardFeed, default_cache_dir
 from crowdtrain.node.density import DensityController, DensityPolicy, LinkReport
 from crowdtrain.node.follower import Follower
@@ -46,7 +46,7 @@ from crowdtrain.node.trainer import (
 )
 from crowdtrain.protocol.manifest import Manifest
 from crowdtrain.protocol.update import UPDATE_FORMAT, UpdateMeta, encode_update
-from crowdtrain.settings import NODE_NAME_CHARS, NodeSettings
+from crowdtrain.settings import NODE_NAME_CHARS, NODE_NAME_MAX, NodeSettings
 
 log = logging.getLogger(__name__)
 
@@ -54,8 +54,10 @@ RTT_EVERY = 20  # re-measure the round-trip time every this many submissions
 
 
 def default_node_name() -> str:
-    host = re.sub(rf"[^{NODE_NAME_CHARS}]", "-", socket.gethostname())  # what the server takes
-    return f"{host[:40] or 'node'}-{os.getpid()}"
+    """The host name, as the server takes names. A node keeps its identity per name, so a
+    second node on the same machine needs a --name of its own (node/credentials.py)."""
+    host = re.sub(rf"[^{NODE_NAME_CHARS}]", "-", socket.gethostname())
+    return host[:NODE_NAME_MAX] or "node"
 
 
 def update_body(
@@ -69,6 +71,7 @@ def update_body(
     update_id: str | None = None,
     leases: list[str] = (),
     data_source: str = "server",
+    seq: int | None = None,
 ) -> bytes:
     """The POST /updates body of one computed and compressed step (zstd, delta-coded indices)."""
     meta = UpdateMeta(
@@ -86,6 +89,7 @@ def update_body(
         rtt_s=None if link is None else link.rtt_s,
         leases=",".join(leases),
         data_source=data_source,
+        seq=seq,
     )
     return encode_update(deltas, meta)
 
@@ -116,9 +120,16 @@ class Node:
         self.device = pick_device(settings.device)
         if settings.threads:
             torch.set_num_threads(settings.threads)
-        self.client = CoordinatorClient(
+        self.login = NodeLogin(
+            settings.config_dir or default_config_dir(),
             settings.server,
             self.name,
+            settings.token.get_secret_value() if settings.token else None,
+            should_stop=self._should_stop,
+        )
+        self.client = CoordinatorClient(
+            settings.server,
+            self.login,
             settings.request_timeout_s,
             settings.max_backoff_s,
             should_stop=self._should_stop,
@@ -148,6 +159,8 @@ class Node:
     # ---- setup --------------------------------------------------------------------------
 
     def _connect(self) -> None:
+        self.login.hold()
+        self.client.connect()
         info = self.client.info()
         self.config = self.client.model_config(info)
         self.tokenizer = Tokenizer.from_json(self.client.tokenizer_json())
@@ -259,12 +272,15 @@ class Node:
             link,
             leases=leases,
             data_source=self.data_source,
+            seq=self.login.next_seq(),
         )
         entries = sum(d.nnz for d in deltas.values())
         try:
             receipt, seconds = self.client.submit(body)
         except Refused as exc:
             self.compressor.restore(deltas)
+            if exc.code == "replayed":  # the server counted further (another run of this id)
+                self.login.skip_to(int(exc.body.get("last_seq", 0)))
             if self.feed is not None:
                 self.feed.give_back(leases)
             if exc.status in (409, 422):  # read whole, then refused: the link was measured

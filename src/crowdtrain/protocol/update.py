@@ -56,6 +56,9 @@ class UpdateMeta(BaseModel):
     leases: str = Field("", max_length=33 * MAX_LEASES_PER_UPDATE, pattern=r"^[0-9a-f,]*$")
     # "local": computed on the node's own files (--data), not on leased shards
     data_source: Literal["server", "local"] = "server"
+    # the node's submission counter: each update carries a higher one than the last (a replayed
+    # or reordered submission is refused; docs/security.md)
+    seq: int | None = Field(None, ge=1, le=1 << 62)
 
     @property
     def lease_ids(self) -> list[str]:

@@ -14,12 +14,24 @@ from fastapi.responses import JSONResponse
 
 from crowdtrain import __version__
 from crowdtrain.protocol.errors import WireError
-from crowdtrain.server.routes import data, health, history, model, updates
+from crowdtrain.server.routes import accounts, data, health, history, model, updates
 from crowdtrain.server.runtime import ServerRuntime
+from crowdtrain.server.schemas import ErrorPublic
 from crowdtrain.settings import ServerSettings
 
 log = logging.getLogger(__name__)
 API_PREFIX = "/api/v1"
+# what any route may answer besides its own responses (docs/security.md)
+AUTH_ERRORS = {
+    status: {"model": ErrorPublic, "description": description}
+    for status, description in (
+        (401, "no token, or one that is malformed, expired or unknown"),
+        (403, "the token's role may not use this route, or it was revoked"),
+        (413, "the request body is over the route's cap"),
+        (422, "a parameter or the body is not valid"),
+        (429, "too many requests: wait Retry-After seconds"),
+    )
+}
 
 
 class VersionWatch:
@@ -74,12 +86,15 @@ def create_app(settings: ServerSettings, runtime: ServerRuntime | None = None) -
     @app.exception_handler(WireError)
     async def wire_error(request: Request, exc: WireError) -> JSONResponse:
         headers = {}
-        if exc.status == 503:
+        if exc.status in (429, 503):
             headers["Retry-After"] = str(max(1, round(exc.extra.get("retry_after_s", 1))))
+        if exc.status == 401:
+            headers["WWW-Authenticate"] = "Bearer"
         return JSONResponse(exc.to_json(), status_code=exc.status, headers=headers)
 
-    for router in (health.router, model.router, updates.router, history.router, data.router):
-        app.include_router(router, prefix=API_PREFIX)
+    routers = (health, model, updates, history, data, accounts)
+    for module in routers:
+        app.include_router(module.router, prefix=API_PREFIX, responses=AUTH_ERRORS)
     return app
 
 

@@ -35,6 +35,7 @@ from crowdtrain.server.evaluator import Evaluator
 from crowdtrain.server.metrics import EvaluationLog, HistoryLog
 from crowdtrain.server.nodes import NodeRegistry
 from crowdtrain.server.publishing import Publisher
+from crowdtrain.server.security import Security
 from crowdtrain.settings import ServerSettings, SettingsError
 
 log = logging.getLogger(__name__)
@@ -93,6 +94,10 @@ class ServerRuntime:
             else Database.in_directory(self.data_dir)
         )
         self.store = DataStore(self.data_dir, self.db)
+        try:
+            self.security = Security.build(settings, self.data_dir, self.db)
+        except ValueError as error:
+            raise SettingsError(str(error)) from None
         # an upload interrupted by the last stop left its temp folder; nothing else writes here
         shutil.rmtree(self.data_dir / "uploads", ignore_errors=True)
         checkpoint = self.checkpoints.load_latest()
@@ -362,8 +367,9 @@ class ServerRuntime:
             log.error(
                 "not writing a final checkpoint after the failure: %s", self.coordinator.failure
             )
-            return
-        self.save_checkpoint()
+        else:
+            self.save_checkpoint()
+        self.security.close()
         self.db.close()
 
     def info(self) -> dict:

@@ -120,3 +120,46 @@ class ImportPublic(BaseModel):
     duplicates: int
     bytes: int
     summary: str
+
+
+class NodeCredentialsPublic(BaseModel):
+    node_id: str
+    access_token: str  # a JWT: send it as `Authorization: Bearer`
+    expires_at: float
+    last_seq: int  # the highest submission sequence number this node has used
+    heartbeat_s: float  # how often to send a heartbeat on the WebSocket session
+    refresh_token: str | None = None  # at registration only: keep it to renew access tokens
+
+
+class NodeAccountPublic(BaseModel):
+    node_id: str
+    name: str
+    token_id: int | None
+    created_at: float
+    last_seen_at: float | None
+    revoked_at: float | None
+    revoked_reason: str | None
+
+
+class TokenPublic(BaseModel):
+    id: int
+    prefix: str  # the first characters of the secret
+    kind: str  # api or enroll
+    role: str
+    label: str
+    uses: int
+    max_uses: int | None
+    created_at: float
+    created_by: str
+    expires_at: float | None
+    revoked_at: float | None
+    last_used_at: float | None
+    state: str  # active, expired, used up, revoked
+
+
+class TokenCreatedPublic(TokenPublic):
+    token: str  # the secret, shown only in this answer
+
+
+class AuditPublic(BaseModel):
+    events: list[dict[str, Any]]

@@ -15,7 +15,8 @@ from crowdtrain.data.leases import LEASE_ID_PATTERN, LeaseError
 from crowdtrain.data.store import SPLITS, StoreError
 from crowdtrain.protocol import encoding
 from crowdtrain.protocol.errors import WireError
-from crowdtrain.server.deps import NodeId, Runtime
+from crowdtrain.server.auth import Admin, CurrentNode, Downloader, Viewer, client_address
+from crowdtrain.server.deps import Runtime, count_transfer
 from crowdtrain.server.routes.model import BINARY, binary_response
 from crowdtrain.server.schemas import (
     CoveragePublic,
@@ -41,11 +42,11 @@ def _lease_error(error: LeaseError) -> WireError:
 
 
 @router.post("/leases", response_model=LeasePublic, responses=_ERRORS)
-def acquire_lease(runtime: Runtime, node_id: NodeId) -> dict:
+def acquire_lease(runtime: Runtime, node: CurrentNode) -> dict:
     """Lease the next shard to train on. Renew it within `ttl_s`, and name it in the `leases`
     of the update that finishes it. `lease` is null while every shard is taken: retry later."""
     book = runtime.leases
-    grant = book.acquire(node_id)
+    grant = book.acquire(node.node_id)
     if grant is None:
         return {"lease": None, "ttl_s": book.ttl_s, "retry_after_s": NO_SHARD_RETRY_S}
     info = book.tokenization
@@ -66,19 +67,19 @@ def acquire_lease(runtime: Runtime, node_id: NodeId) -> dict:
 
 
 @router.post("/leases/{lease_id}/renew", response_model=RenewPublic, responses=_ERRORS)
-def renew_lease(runtime: Runtime, node_id: NodeId, lease_id: LeaseId) -> dict:
+def renew_lease(runtime: Runtime, node: CurrentNode, lease_id: LeaseId) -> dict:
     """Keep a lease while training on its shard; 409 lease_lost once it expired."""
     try:
-        return {"lease": lease_id, "expires_at": runtime.leases.renew(lease_id, node_id)}
+        return {"lease": lease_id, "expires_at": runtime.leases.renew(lease_id, node.node_id)}
     except LeaseError as error:
         raise _lease_error(error) from None
 
 
 @router.delete("/leases/{lease_id}", status_code=204, responses=_ERRORS)
-def release_lease(runtime: Runtime, node_id: NodeId, lease_id: LeaseId) -> Response:
+def release_lease(runtime: Runtime, node: CurrentNode, lease_id: LeaseId) -> Response:
     """Give an unfinished shard back (the node is stopping); it is issued again at once."""
     try:
-        runtime.leases.release(lease_id, node_id)
+        runtime.leases.release(lease_id, node.node_id)
     except LeaseError as error:
         raise _lease_error(error) from None
     return Response(status_code=204)
@@ -95,8 +96,8 @@ def release_lease(runtime: Runtime, node_id: NodeId, lease_id: LeaseId) -> Respo
 )
 async def download_shard(
     runtime: Runtime,
-    node_id: NodeId,
-    shard_id: int,
+    who: Downloader,
+    shard_id: Annotated[int, Path(ge=0, le=1 << 62)],
     accept_encoding: Annotated[str | None, Header()] = None,
 ) -> Response:
     """A training shard's bytes: the token ids (then the loss mask, for sft), compressed when
@@ -122,19 +123,21 @@ async def download_shard(
             "shard_gone",
             f"training shard {shard_id} cannot be read on the server; take another lease",
         ) from None
-    runtime.nodes.transferred(node_id, "shard", len(body), raw_bytes)
+    count_transfer(runtime, who, "shard", len(body), raw_bytes)
     headers = {"X-Crowdtrain-Sha256": shard.sha256, "ETag": f'"{shard.sha256}"'}
     return binary_response(body, content_encoding, headers)
 
 
-@router.get("/data/status")
-def data_status(runtime: Runtime) -> dict:
+@router.get("/data/status", responses=_ERRORS)
+def data_status(runtime: Runtime, _: Viewer) -> dict:
     """The training data: dataset, split, shards, the current epoch and its progress."""
     return runtime.leases.status()
 
 
 @router.get("/data/epochs/{number}", response_model=CoveragePublic, responses=_ERRORS)
-def epoch_coverage(runtime: Runtime, number: Annotated[int, Path(ge=0, le=2**31)]) -> dict:
+def epoch_coverage(
+    runtime: Runtime, _: Viewer, number: Annotated[int, Path(ge=0, le=2**31)]
+) -> dict:
     """The ledger of an epoch: the lease, node, update and version that completed each shard,
     the shards still missing, and (by construction always none) shards completed twice."""
     try:
@@ -143,14 +146,14 @@ def epoch_coverage(runtime: Runtime, number: Annotated[int, Path(ge=0, le=2**31)
         raise _lease_error(error) from None
 
 
-@router.get("/datasets", response_model=list[DatasetPublic])
-def list_datasets(runtime: Runtime) -> list[dict]:
+@router.get("/datasets", response_model=list[DatasetPublic], responses=_ERRORS)
+def list_datasets(runtime: Runtime, _: Viewer) -> list[dict]:
     """Every dataset in the store with its splits' sizes."""
     return runtime.store.list()
 
 
 @router.get("/datasets/{name}", response_model=DatasetPublic, responses=_ERRORS)
-def show_dataset(runtime: Runtime, name: DatasetName) -> dict:
+def show_dataset(runtime: Runtime, _: Viewer, name: DatasetName) -> dict:
     """A dataset's splits, sources (with sha256) and tokenizations."""
     try:
         return runtime.store.show(name, runtime.tokenizer.version)
@@ -172,6 +175,7 @@ def show_dataset(runtime: Runtime, name: DatasetName) -> dict:
 async def upload_file(
     request: Request,
     runtime: Runtime,
+    admin: Admin,
     name: DatasetName,
     split: Annotated[str, Path(pattern=f"^({'|'.join(SPLITS)})$")],
     filename: FileName,
@@ -205,6 +209,13 @@ async def upload_file(
     finally:
         path.unlink(missing_ok=True)
         folder.rmdir()
+    runtime.security.audit.record(
+        admin.subject,
+        "data.upload",
+        f"{name}/{split}",
+        {"file": filename, "documents": report.documents, "changed": report.changed},
+        client_address(request),
+    )
     return _report(report)
 
 

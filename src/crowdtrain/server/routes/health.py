@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Response
 
+from crowdtrain.server.auth import Anyone, Viewer
 from crowdtrain.server.deps import Runtime
 from crowdtrain.server.schemas import HealthPublic, InfoPublic
 
@@ -11,7 +12,7 @@ router = APIRouter(tags=["server"])
 
 
 @router.get("/health", response_model=HealthPublic, responses={503: {"model": HealthPublic}})
-def health(runtime: Runtime, response: Response) -> dict:
+def health(runtime: Runtime, response: Response, _: Anyone) -> dict:
     """Is the server up and applying updates, and at which version (503 when it cannot)."""
     c = runtime.coordinator
     if c.failure is not None:
@@ -21,6 +22,6 @@ def health(runtime: Runtime, response: Response) -> dict:
 
 
 @router.get("/info", response_model=InfoPublic)
-def info(runtime: Runtime) -> dict:
+def info(runtime: Runtime, _: Viewer) -> dict:
     """Version, model config, training settings and the nodes the server has heard from."""
     return runtime.info()

@@ -6,6 +6,7 @@ from typing import Annotated
 
 from fastapi import APIRouter, Query
 
+from crowdtrain.server.auth import Viewer
 from crowdtrain.server.deps import Runtime
 from crowdtrain.server.schemas import HistoryPublic
 
@@ -15,6 +16,7 @@ router = APIRouter(tags=["metrics"])
 @router.get("/history", response_model=HistoryPublic)
 def history(
     runtime: Runtime,
+    _: Viewer,
     since: Annotated[int, Query(ge=-1, description="only versions after this")] = -1,
     limit: Annotated[int, Query(ge=1, le=100_000)] = 10_000,
 ) -> dict:

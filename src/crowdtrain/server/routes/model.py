@@ -9,7 +9,8 @@ from fastapi import APIRouter, Header, Query, Request, Response
 
 from crowdtrain.protocol import encoding
 from crowdtrain.protocol.errors import WireError
-from crowdtrain.server.deps import NodeId, Runtime
+from crowdtrain.server.auth import Downloader, Viewer
+from crowdtrain.server.deps import Runtime, count_transfer
 from crowdtrain.server.schemas import ManifestPublic, VersionPublic
 
 router = APIRouter(prefix="/model", tags=["model"])
@@ -29,7 +30,7 @@ def binary_response(body: bytes, content_encoding: str, headers: dict[str, str])
 
 
 @router.get("/manifest", response_model=ManifestPublic)
-def manifest(runtime: Runtime) -> dict:
+def manifest(runtime: Runtime, _: Viewer) -> dict:
     """Every parameter an update may name, with its shape and dtype."""
     return {
         "version": runtime.coordinator.version,
@@ -41,7 +42,7 @@ def manifest(runtime: Runtime) -> dict:
 @router.get(
     "/tokenizer", response_class=Response, responses={200: {"content": {"application/json": {}}}}
 )
-def tokenizer(runtime: Runtime) -> Response:
+def tokenizer(runtime: Runtime, _: Viewer) -> Response:
     """The tokenizer (HF tokenizers JSON) the model was trained with."""
     return Response(
         runtime.tokenizer.to_json(),
@@ -57,7 +58,7 @@ def tokenizer(runtime: Runtime) -> Response:
 )
 async def snapshot(
     runtime: Runtime,
-    node_id: NodeId,
+    who: Downloader,
     dtype: Annotated[Literal["fp32", "bf16", "fp16"], Query(description="tensor dtype")] = "fp32",
     accept_encoding: Annotated[str | None, Header()] = None,
     if_none_match: Annotated[str | None, Header()] = None,
@@ -77,7 +78,7 @@ async def snapshot(
         return Response(status_code=304, headers=headers)
     content_encoding = _encoding_for(accept_encoding)
     encoded = await anyio.to_thread.run_sync(runtime.publisher.snapshot, dtype, content_encoding)
-    runtime.nodes.transferred(node_id, "snapshot", len(encoded.body), encoded.raw_bytes)
+    count_transfer(runtime, who, "snapshot", len(encoded.body), encoded.raw_bytes)
     version = encoded.version
     headers.update(
         {"ETag": f'"{version}-{c.lineage}-{dtype}"', "X-Crowdtrain-Version": str(version)}
@@ -97,7 +98,7 @@ async def snapshot(
 async def deltas(
     request: Request,
     runtime: Runtime,
-    node_id: NodeId,
+    who: Downloader,
     since: Annotated[int, Query(ge=0, description="the version the node holds")],
     lineage: Annotated[str, Query(max_length=64, description="lineage of that version")],
     wait: Annotated[
@@ -128,7 +129,7 @@ async def deltas(
         )
     if result.version == since:
         return Response(status_code=204, headers=headers)
-    runtime.nodes.transferred(node_id, "deltas", len(result.body), result.raw_bytes)
+    count_transfer(runtime, who, "deltas", len(result.body), result.raw_bytes)
     headers["X-Crowdtrain-Version"] = str(result.version)
     return binary_response(result.body, content_encoding, headers)
 
@@ -137,6 +138,7 @@ async def deltas(
 async def version(
     request: Request,
     runtime: Runtime,
+    _: Viewer,
     after: Annotated[
         int | None, Query(ge=0, description="wait for a version newer than this")
     ] = None,

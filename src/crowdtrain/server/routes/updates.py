@@ -9,12 +9,13 @@ from fastapi import APIRouter, Header, Request
 
 from crowdtrain.protocol.errors import WireError
 from crowdtrain.protocol.update import UpdateMeta, decode_update
-from crowdtrain.server.deps import NodeId, Runtime
+from crowdtrain.server.auth import CurrentNode, client_address
+from crowdtrain.server.deps import Runtime
 from crowdtrain.server.schemas import ErrorPublic, SubmitPublic
 
 router = APIRouter(tags=["updates"])
 
-_ERRORS = {code: {"model": ErrorPublic} for code in (400, 409, 413, 415, 422, 503)}
+_ERRORS = {code: {"model": ErrorPublic} for code in (400, 401, 403, 409, 413, 415, 422, 429, 503)}
 
 
 async def read_body_capped(request: Request, cap: int) -> bytes:
@@ -51,7 +52,7 @@ async def read_body_capped(request: Request, cap: int) -> bytes:
 async def submit_update(
     request: Request,
     runtime: Runtime,
-    node_id: NodeId,
+    node: CurrentNode,
     content_encoding: Annotated[str | None, Header()] = None,
 ) -> dict:
     """Submit an update in the wire format (safetensors container, zstd or identity).
@@ -59,16 +60,19 @@ async def submit_update(
     Checked before it touches state: sizes before and after decompression, tensor names and
     shapes against the manifest, indices in range and strictly increasing, finite values,
     metadata types. 409 when its base version is too old (or from before a server restart)."""
-    limits, coordinator = runtime.limits, runtime.coordinator
+    limits, coordinator, security = runtime.limits, runtime.coordinator, runtime.security
+    node_id = node.node_id
     body = b""
     held: dict[str, str] = {}
     try:
+        security.submissions.take(node_id, "updates from this node")
         coordinator.reserve(node_id)  # 503 before reading anything when the queue is full
         try:
             body = await read_body_capped(request, limits.max_body_bytes)
             update = await anyio.to_thread.run_sync(
                 decode_update, body, content_encoding, runtime.manifest, limits
             )
+            security.accounts.check_seq(node_id, update.meta.seq, update.meta.update_id)
             _check_data(runtime, update.meta)
             if update.meta.lease_ids:  # before queueing: its round may apply at once
                 meta = update.meta
@@ -88,8 +92,15 @@ async def submit_update(
             if held:
                 await anyio.to_thread.run_sync(runtime.leases.unhold, update.meta.update_id)
             raise
-    except WireError:
+    except WireError as error:
         runtime.nodes.refused(node_id, len(body))
+        security.audit.record(
+            f"node:{node_id}",
+            "update.refused",
+            f"node:{node_id}",
+            {"reason": error.code, "detail": error.message[:300], "bytes": len(body)},
+            client_address(request),
+        )
         raise
     if not receipt["duplicate"]:
         runtime.nodes.accepted(node_id, update, runtime.manifest.numel)

@@ -1,0 +1,194 @@
+"""Accounts: node registration and token renewal, enrollment and API tokens, bans, the audit
+log (docs/security.md)."""
+
+from __future__ import annotations
+
+import re
+from typing import Annotated, Literal
+
+import anyio
+from fastapi import APIRouter, Body, Path, Query, Request
+from pydantic import BaseModel, Field
+
+from crowdtrain.protocol.errors import WireError
+from crowdtrain.server.auth import Admin, Anyone, client_address
+from crowdtrain.server.deps import Runtime
+from crowdtrain.server.schemas import (
+    AuditPublic,
+    ErrorPublic,
+    NodeAccountPublic,
+    NodeCredentialsPublic,
+    TokenCreatedPublic,
+    TokenPublic,
+)
+from crowdtrain.settings import NODE_NAME_CHARS, NODE_NAME_MAX
+
+router = APIRouter(tags=["accounts"])
+
+_ERRORS = {code: {"model": ErrorPublic} for code in (401, 403, 404, 409, 422, 429)}
+NODE_NAME = rf"^[{NODE_NAME_CHARS}]{{1,{NODE_NAME_MAX}}}$"
+DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhdw]?)\s*$")
+UNIT_S = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+
+
+def parse_duration(text: str) -> float:
+    """'7d' -> 604800.0; plain numbers are seconds. Units: s, m, h, d, w."""
+    match = DURATION.match(text.lower())
+    if match is None or float(match.group(1)) <= 0:
+        raise ValueError(
+            f"{text!r} is not a duration; write a positive number with an optional unit "
+            "(s, m, h, d, w), for example 7d or 12h"
+        )
+    return float(match.group(1)) * UNIT_S[match.group(2)]
+
+
+class RegisterIn(BaseModel):
+    enrollment_token: str = Field(min_length=1, max_length=200)
+    name: str = Field(pattern=NODE_NAME, description="what the node wants to be called")
+
+
+class RefreshIn(BaseModel):
+    node_id: str = Field(pattern=NODE_NAME)
+    refresh_token: str = Field(min_length=1, max_length=200)
+
+
+class TokenIn(BaseModel):
+    role: Literal["node", "viewer", "admin"]
+    uses: int | None = Field(
+        None, ge=1, le=1_000_000, description="node tokens: registrations it is good for"
+    )
+    expires: str | None = Field(
+        None, max_length=20, description="lifetime such as 7d, 12h or 3600; unset: never"
+    )
+    label: str = Field("", max_length=200)
+
+
+def _credentials(runtime, state, refresh: str | None = None) -> dict:
+    security = runtime.security
+    token, expires_at = security.keys.issue(state.id)
+    out = {
+        "node_id": state.id,
+        "access_token": token,
+        "expires_at": expires_at,
+        "last_seq": state.last_seq,
+        "heartbeat_s": runtime.settings.heartbeat_s,
+    }
+    if refresh is not None:
+        out["refresh_token"] = refresh
+    return out
+
+
+@router.post(
+    "/nodes/register", response_model=NodeCredentialsPublic, status_code=201, responses=_ERRORS
+)
+def register(body: RegisterIn, request: Request, runtime: Runtime, _: Anyone) -> dict:
+    """Trade an enrollment token for a node identity: the node id (its name, or the name with
+    a suffix when taken), a short-lived access token, and a refresh token to keep."""
+    security, address = runtime.security, client_address(request)
+    security.registrations.take(address, "registrations from this address")
+    try:
+        state, refresh = security.accounts.register(body.enrollment_token, body.name, address)
+    except WireError as error:
+        security.failures.hit(address)
+        security.audit.record(
+            "anonymous", "register.refused", body.name, {"reason": error.code}, address
+        )
+        raise
+    return _credentials(runtime, state, refresh)
+
+
+@router.post("/nodes/refresh", response_model=NodeCredentialsPublic, responses=_ERRORS)
+def refresh(body: RefreshIn, request: Request, runtime: Runtime, _: Anyone) -> dict:
+    """A new access token for a registered node, and the last sequence number it used."""
+    security, address = runtime.security, client_address(request)
+    wait = security.failures.retry_after(address)
+    if wait is not None:
+        raise WireError(
+            429,
+            "rate_limited",
+            f"too many failed logins from {address}; try again in {wait:.0f} s",
+            retry_after_s=round(wait, 1),
+        )
+    try:
+        state = security.accounts.refresh(body.node_id, body.refresh_token, address)
+    except WireError as error:
+        security.failures.hit(address)
+        security.audit.record(
+            "anonymous", "refresh.refused", body.node_id, {"reason": error.code}, address
+        )
+        raise
+    return _credentials(runtime, state)
+
+
+@router.get("/nodes", response_model=list[NodeAccountPublic], responses=_ERRORS)
+def list_nodes(runtime: Runtime, _: Admin) -> list[dict]:
+    """Every registered node, banned ones included."""
+    return runtime.security.accounts.list_nodes()
+
+
+@router.delete("/nodes/{node_id}", response_model=NodeAccountPublic, responses=_ERRORS)
+async def ban_node(
+    request: Request,
+    runtime: Runtime,
+    admin: Admin,
+    node_id: Annotated[str, Path(pattern=NODE_NAME)],
+    reason: Annotated[str, Query(max_length=200)] = "",
+    revoke_token: Annotated[
+        bool, Query(description="also revoke the enrollment token it registered with")
+    ] = True,
+) -> dict:
+    """Ban a node: its requests are refused at once, its WebSocket session is closed, and (by
+    default) its enrollment token stops working, so it cannot register again with it."""
+    return await anyio.to_thread.run_sync(
+        lambda: runtime.security.accounts.ban(
+            node_id, admin.subject, reason, revoke_token, client_address(request)
+        )
+    )
+
+
+@router.post("/tokens", response_model=TokenCreatedPublic, status_code=201, responses=_ERRORS)
+def create_token(
+    request: Request, runtime: Runtime, admin: Admin, body: Annotated[TokenIn, Body()]
+) -> dict:
+    """Create a token. `node`: an enrollment token, traded at /nodes/register; `viewer`,
+    `admin`: API tokens sent as `Authorization: Bearer`. The secret is shown only here."""
+    try:
+        expires_in = parse_duration(body.expires) if body.expires else None
+    except ValueError as error:
+        raise WireError(422, "bad_expires", str(error)) from None
+    secret, public = runtime.security.accounts.create_token(
+        body.role, admin.subject, body.uses, expires_in, body.label, client_address(request)
+    )
+    return {**public, "token": secret}
+
+
+@router.get("/tokens", response_model=list[TokenPublic], responses=_ERRORS)
+def list_tokens(runtime: Runtime, _: Admin) -> list[dict]:
+    """Every token (never the secrets) with its state: active, expired, used up, revoked."""
+    return runtime.security.accounts.list_tokens()
+
+
+@router.delete("/tokens/{token_id}", response_model=TokenPublic, responses=_ERRORS)
+def revoke_token(
+    request: Request,
+    runtime: Runtime,
+    admin: Admin,
+    token_id: Annotated[int, Path(ge=1, le=1 << 62)],
+) -> dict:
+    """Revoke a token: it stops working on the next request. Nodes already registered with an
+    enrollment token keep their identity (ban them with DELETE /nodes/ID)."""
+    return runtime.security.accounts.revoke_token(token_id, admin.subject, client_address(request))
+
+
+@router.get("/audit", response_model=AuditPublic, responses=_ERRORS)
+def audit(
+    runtime: Runtime,
+    _: Admin,
+    limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+    before: Annotated[int | None, Query(ge=1, description="events older than this id")] = None,
+    action: Annotated[str | None, Query(max_length=40)] = None,
+) -> dict:
+    """The audit log, newest first: admin actions, registrations, bans, refused logins and
+    refused submissions with their reason."""
+    runtime.security.audit.flush()
+    return {"events": runtime.security.audit.query(limit, before, action)}
