@@ -1,4 +1,5 @@
-"""Shared parts of the benchmarks: child processes that always stop, progress, JSON output."""
+"""Shared parts of the benchmarks: child processes that always stop, a server's tokens,
+progress, JSON output."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import json
 import os
 import platform
 import re
+import secrets
 import shutil
 import signal
 import subprocess
@@ -15,6 +17,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
@@ -154,8 +157,30 @@ class ChildProcess:
             _LIVE.remove(self)
 
 
+def bearer(token: str) -> dict[str, str]:
+    """The header of a request made with `token`: an admin API token or a node's access JWT."""
+    return {"Authorization": f"Bearer {token}"}
+
+
+@dataclass(frozen=True)
+class NodeIdentity:
+    """What POST /nodes/register answers: who a hand-made sender is, and how it proves it."""
+
+    node_id: str
+    access_token: str
+    last_seq: int  # its next update carries a higher seq
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return bearer(self.access_token)
+
+
 class ServerProcess(ChildProcess):
-    """`crowdtrain server` on 127.0.0.1 with a free port; settings as CROWDTRAIN_* variables."""
+    """`crowdtrain server` on 127.0.0.1 with a free port; settings as CROWDTRAIN_* variables.
+
+    It accepts an admin token made here (CROWDTRAIN_ADMIN_TOKEN), which every read sends; nodes
+    get enrollment tokens made with it (`node_env` for node processes, `register` for senders
+    made by hand)."""
 
     def __init__(
         self,
@@ -169,13 +194,19 @@ class ServerProcess(ChildProcess):
             f"CROWDTRAIN_{k.upper()}": str(v).lower() if isinstance(v, bool) else str(v)
             for k, v in settings.items()
         }
+        self.admin_token = "ct_admin_" + secrets.token_urlsafe(32)
+        env["CROWDTRAIN_ADMIN_TOKEN"] = self.admin_token
         env.update(extra_env or {})
         args = ["server", "--host", "127.0.0.1", "--port", "0", "--data-dir", str(data_dir)]
         super().__init__(name, args, env, log_dir)
         self.url = ""
 
+    @property
+    def admin(self) -> dict[str, str]:
+        return bearer(self.admin_token)
+
     def wait_until_up(self, timeout: float = 300.0) -> str:
-        """Block until /health answers; returns the base URL."""
+        """Block until /health (public) answers; returns the base URL."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if not self.alive():
@@ -194,17 +225,50 @@ class ServerProcess(ChildProcess):
         raise RuntimeError(f"the server did not answer within {timeout:.0f} s:\n{self.log_tail()}")
 
     def get(self, path: str, **params) -> dict:
-        response = httpx.get(self.url + API + path, params=params, timeout=120)
-        response.raise_for_status()
-        return response.json()
+        response = httpx.get(self.url + API + path, params=params, headers=self.admin, timeout=120)
+        return _checked(response, f"GET {path}").json()
 
     def text(self, path: str) -> str:
-        response = httpx.get(self.url + API + path, timeout=120)
-        response.raise_for_status()
-        return response.text
+        response = httpx.get(self.url + API + path, headers=self.admin, timeout=120)
+        return _checked(response, f"GET {path}").text
 
     def rounds(self, since: int = -1) -> list[dict]:
         return self.get("/history", since=since, limit=100_000)["rounds"]
+
+    def enrollment_token(self, uses: int) -> str:
+        """A node enrollment token good for `uses` registrations (and one day)."""
+        response = httpx.post(
+            self.url + API + "/tokens",
+            json={"role": "node", "uses": uses, "expires": "1d", "label": "benchmark"},
+            headers=self.admin,
+            timeout=30,
+        )
+        return _checked(response, "POST /tokens (an enrollment token)").json()["token"]
+
+    def node_env(self, config_dir: Path) -> dict[str, str]:
+        """Variables of one `crowdtrain node` process: an enrollment token of its own, and
+        where it keeps its identity (a folder of the benchmark's work dir, not ~/.config)."""
+        return {
+            "CROWDTRAIN_NODE_TOKEN": self.enrollment_token(uses=1),
+            "CROWDTRAIN_NODE_CONFIG_DIR": str(config_dir),
+        }
+
+    def register(self, name: str, enrollment_token: str) -> NodeIdentity:
+        """Register a hand-made sender as a node, as a node process does at first start."""
+        response = httpx.post(
+            self.url + API + "/nodes/register",
+            json={"enrollment_token": enrollment_token, "name": name},
+            timeout=30,
+        )
+        answer = _checked(response, f"POST /nodes/register ({name})").json()
+        return NodeIdentity(answer["node_id"], answer["access_token"], answer["last_seq"])
+
+
+def _checked(response: httpx.Response, what: str) -> httpx.Response:
+    """The response, or a RuntimeError that says what the server refused and why."""
+    if response.is_error:
+        raise RuntimeError(f"{what}: HTTP {response.status_code} {response.text[:300]}")
+    return response
 
 
 class WorkDir:
@@ -219,6 +283,11 @@ class WorkDir:
     @property
     def logs(self) -> Path:
         return self.path / "logs"
+
+    @property
+    def node_config(self) -> Path:
+        """Where this run's node processes keep their identities (CROWDTRAIN_NODE_CONFIG_DIR)."""
+        return self.path / "node-config"
 
     def cleanup(self) -> None:
         if self.keep:

@@ -12,6 +12,10 @@ On a shared machine the speed of either drifts by 2x within a minute, so the two
 in alternating slices (node, bare, bare, node, ...): while the bare loop runs the node process
 is paused (SIGSTOP), and while the node runs the bare loop waits. Each pair of neighbouring
 slices gives one ratio; the reported ratio is their median. Prints one JSON document on stdout.
+
+Authentication as in a deployment: the server accepts an admin token made here, which the
+benchmark's reads send; each node process registers with an enrollment token of its own and
+keeps its identity in the run's work dir (node-config/).
 """
 
 from __future__ import annotations
@@ -46,6 +50,7 @@ from crowdtrain.settings import NodeSettings
 TARGET_RATIO = 0.85
 NODE_DEFAULTS = NodeSettings()
 SETTLE_S = 2.0  # after a resumed node's first steps, before its slice is measured
+DENSITY = 0.05  # fixed, so that runs compare: the link-driven controller would vary it
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -59,7 +64,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--batch-size", type=int, default=NODE_DEFAULTS.batch_size, help="sequences per step"
     )
     parser.add_argument(
-        "--density", type=float, default=NODE_DEFAULTS.density, help="node's top-k density"
+        "--density",
+        type=float,
+        default=DENSITY,
+        help="node's fixed top-k density (a node's own default is its density controller)",
     )
     parser.add_argument(
         "--threads",
@@ -145,7 +153,11 @@ def start_node(server: ServerProcess, work: WorkDir, args, overlap: bool) -> Chi
             str(args.density),
             "--overlap" if overlap else "--no-overlap",
         ],
-        {"OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads},
+        {
+            **server.node_env(work.node_config),
+            "OMP_NUM_THREADS": threads,
+            "MKL_NUM_THREADS": threads,
+        },
         work.logs,
     )
     deadline = time.monotonic() + 180

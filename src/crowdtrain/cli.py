@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import logging
 import signal
+import socket
 import threading
 from pathlib import Path
 
 import typer
 
 from crowdtrain import __version__
+from crowdtrain.admin_cli import audit, nodes_app, tokens_app
 from crowdtrain.data.cli import data_app
 from crowdtrain.settings import NodeSettings, ServerSettings, SettingsError, load_settings
 from crowdtrain.terminal import CONFIG_HELP, console
@@ -100,6 +102,32 @@ def server(
         "--lease-ttl",
         help="Seconds a shard lease lasts without renewal before it is re-issued (default: 60).",
     ),
+    tls_cert: Path | None = typer.Option(
+        None,
+        "--tls-cert",
+        metavar="FILE",
+        help="Serve HTTPS/WSS with this PEM certificate (chain); needs --tls-key.",
+    ),
+    tls_key: Path | None = typer.Option(
+        None, "--tls-key", metavar="FILE", help="The PEM private key of --tls-cert."
+    ),
+    self_signed: bool | None = typer.Option(
+        None,
+        "--self-signed",
+        help="Serve HTTPS with a development certificate kept in --data-dir/tls, and print "
+        "its SHA-256 fingerprint for nodes to pin (--pin-sha256).",
+    ),
+    trusted_proxies: str | None = typer.Option(
+        None,
+        "--trusted-proxies",
+        help="Comma-separated addresses of reverse proxies whose X-Forwarded-For/-Proto "
+        "headers are believed (default: 127.0.0.1; '*' trusts any).",
+    ),
+    root_path: str | None = typer.Option(
+        None,
+        "--root-path",
+        help="The path prefix a reverse proxy serves the API under, like /crowdtrain.",
+    ),
 ) -> None:
     """Run the coordinator: it holds the model, takes updates from nodes, and publishes versions.
 
@@ -112,6 +140,7 @@ def server(
     """
     from crowdtrain.db import DatabaseError
     from crowdtrain.server.app import run_server
+    from crowdtrain.server.tls import fingerprint_sha256, served_certificate
 
     try:
         settings = load_settings(
@@ -134,6 +163,11 @@ def server(
             objective=objective,
             shard_tokens=shard_tokens,
             lease_ttl_s=lease_ttl,
+            tls_cert=tls_cert,
+            tls_key=tls_key,
+            self_signed=self_signed,
+            trusted_proxies=trusted_proxies,
+            root_path=root_path,
         )
     except SettingsError as exc:
         _fail(str(exc))
@@ -155,12 +189,41 @@ def server(
             f"{len(data.shards)} shards",
             flush=True,
         )
-        print(f"API docs: {url}/docs   join with: crowdtrain node --server {url}", flush=True)
+        print(f"API docs: {url}/docs", flush=True)
+        pin = None
+        certificate = served_certificate(settings)
+        if certificate is not None:
+            fingerprint = fingerprint_sha256(certificate.read_bytes())
+            print(f"TLS certificate {certificate}, SHA-256 fingerprint {fingerprint}", flush=True)
+            pin = fingerprint if settings.self_signed else None
+        if runtime.security.new_admin_token is not None:  # printed at once, see below
+            admin_server = f" --server {url}" + (f" --pin-sha256 {pin}" if pin else "")
+            print(
+                "nodes need an enrollment token: crowdtrain tokens create --role node "
+                f"--uses 10 --expires 7d{admin_server}",
+                flush=True,
+            )
+        print(f"join with: {_join_command(url, pin)} --token ct_enroll_...", flush=True)
+
+    def show_admin_token(token: str) -> None:
+        """A new data directory's admin token: shown this once (only its hash is kept), first
+        thing, so that a start that fails later still shows it."""
+        print(
+            f"admin token (shown only now; store it, e.g. as CROWDTRAIN_ADMIN_TOKEN): {token}",
+            flush=True,
+        )
 
     try:
-        run_server(settings, on_ready=ready)
+        run_server(settings, on_ready=ready, on_admin_token=show_admin_token)
     except (SettingsError, DatabaseError, ValueError, OSError) as exc:
         _fail(str(exc))
+
+
+def _join_command(url: str, pin: str | None) -> str:
+    """The node command line for a server listening on `url`."""
+    for wildcard in ("//0.0.0.0:", "//[::]:"):  # other machines reach it by this one's name
+        url = url.replace(wildcard, f"//{socket.gethostname()}:")
+    return f"crowdtrain node --server {url}" + (f" --pin-sha256 {pin}" if pin else "")
 
 
 @app.command()
@@ -169,7 +232,35 @@ def node(
         None, "--server", "-s", help="The coordinator's URL (default: http://127.0.0.1:8000)."
     ),
     config: Path | None = typer.Option(None, "--config", help=CONFIG_HELP),
-    name: str | None = typer.Option(None, help="Name shown by the server (default: host-pid)."),
+    token: str | None = typer.Option(
+        None,
+        "--token",
+        help="Enrollment token from the server's admin (ct_enroll_...); needed once, to "
+        "register this node (also CROWDTRAIN_NODE_TOKEN).",
+    ),
+    config_dir: Path | None = typer.Option(
+        None,
+        "--config-dir",
+        help="Where the node keeps its identity per server (default: ~/.config/crowdtrain).",
+    ),
+    ca_cert: Path | None = typer.Option(
+        None,
+        "--ca-cert",
+        metavar="FILE",
+        help="Trust only this CA (PEM) for the server's https:// certificate.",
+    ),
+    pin_sha256: str | None = typer.Option(
+        None,
+        "--pin-sha256",
+        metavar="FINGERPRINT",
+        help="Accept only the server certificate with this SHA-256 fingerprint (what a "
+        "--self-signed server prints).",
+    ),
+    name: str | None = typer.Option(
+        None,
+        help="Name shown by the server (default: the host name). The node keeps one identity "
+        "per server and name: a second node on this machine needs a --name of its own.",
+    ),
     device: str | None = typer.Option(None, help="auto (cuda when present), cpu, cuda, cuda:N."),
     batch_size: int | None = typer.Option(None, help="Sequences per micro-batch (default: 16)."),
     accumulate: int | None = typer.Option(None, help="Micro-batches per update (default: 1)."),
@@ -218,6 +309,7 @@ def node(
     Every setting can also come from a CROWDTRAIN_NODE_* environment variable or a TOML file
     given with --config; see docs/configuration.md.
     """
+    from crowdtrain.node.client import Stopped
     from crowdtrain.node.runner import Node
 
     try:
@@ -225,6 +317,10 @@ def node(
             NodeSettings,
             config,
             server=server,
+            token=token,
+            config_dir=config_dir,
+            ca_cert=ca_cert,
+            pin_sha256=pin_sha256,
             name=name,
             device=device,
             batch_size=batch_size,
@@ -247,6 +343,8 @@ def node(
     signal.signal(signal.SIGINT, lambda *_: stop.set())
     try:
         stats = Node(settings, stop=stop, console=console).run()
+    except Stopped:  # stopped while it waited for the server to check its certificate pin
+        raise typer.Exit(0) from None
     except (ValueError, RuntimeError) as exc:
         _fail(str(exc), code=1)
     console.print(
@@ -297,6 +395,9 @@ def demo(
 
 
 app.add_typer(data_app, name="data")
+app.add_typer(tokens_app, name="tokens")
+app.add_typer(nodes_app, name="nodes")
+app.command("audit")(audit)
 
 
 def main() -> None:

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import os
+import secrets
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import tempfile
@@ -53,13 +55,43 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-class Swarm:
-    """The child processes of a demo; stops them all, politely first."""
+def admin_headers(token: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token}"}
 
-    def __init__(self, log_dir: Path):
+
+class Swarm:
+    """The child processes of a demo; stops them all, politely first.
+
+    The server accepts the swarm's own admin token (CROWDTRAIN_ADMIN_TOKEN); nodes register
+    with an enrollment token the swarm makes with it, and keep their identities in
+    `node_config_dir` (next to the logs, not the user's ~/.config)."""
+
+    def __init__(self, log_dir: Path, admin_token: str | None = None):
         self.log_dir = log_dir
+        self.admin_token = admin_token or "ct_admin_" + secrets.token_urlsafe(32)
+        self.node_config_dir = log_dir.parent / "node-config"
         self.server: subprocess.Popen | None = None
         self.nodes: list[subprocess.Popen] = []
+        self._enrollment: dict[str, str] = {}
+        self.verify: ssl.SSLContext | bool = True  # how its own requests check an https server
+
+    @property
+    def admin(self) -> dict[str, str]:
+        return admin_headers(self.admin_token)
+
+    def enrollment_token(self, url: str, uses: int | None = None) -> str:
+        """An enrollment token of the server at `url` for this swarm's nodes (made once)."""
+        if url not in self._enrollment:
+            response = httpx.post(
+                f"{url}/api/v1/tokens",
+                json={"role": "node", "uses": uses, "expires": "1d", "label": "swarm nodes"},
+                headers=self.admin,
+                timeout=30,
+                verify=self.verify,
+            )
+            response.raise_for_status()
+            self._enrollment[url] = response.json()["token"]
+        return self._enrollment[url]
 
     def _spawn(
         self, name: str, args: list[str], env: dict[str, str] | None = None
@@ -76,10 +108,16 @@ class Swarm:
             )
 
     def start_server(
-        self, port: int, data_dir: Path, model: str, env: dict[str, str] | None = None
+        self,
+        port: int,
+        data_dir: Path,
+        model: str,
+        env: dict[str, str] | None = None,
+        extra: tuple[str, ...] = (),
     ) -> subprocess.Popen:
         args = ["server", "--port", str(port), "--data-dir", str(data_dir), "--model", model]
-        self.server = self._spawn("server", args, env)
+        env = {"CROWDTRAIN_ADMIN_TOKEN": self.admin_token, **(env or {})}
+        self.server = self._spawn("server", [*args, *extra], env)
         return self.server
 
     def start_node(
@@ -94,6 +132,11 @@ class Swarm:
         """A node process; `density` None leaves it to the node's density controller."""
         args = ["node", "--server", url, "--name", f"demo-node-{index}", "--threads", str(threads)]
         args += ["--density", str(density)] if density is not None else []
+        env = {
+            "CROWDTRAIN_NODE_TOKEN": self.enrollment_token(url),
+            "CROWDTRAIN_NODE_CONFIG_DIR": str(self.node_config_dir),
+            **(env or {}),
+        }
         node = self._spawn(f"node-{index}", [*args, *extra], env)
         self.nodes.append(node)
         return node
@@ -127,13 +170,15 @@ def _stop_all(processes: list[subprocess.Popen], sig: int, timeout: float) -> No
             p.wait()
 
 
-def wait_until_up(url: str, server: subprocess.Popen, timeout: float) -> None:
+def wait_until_up(
+    url: str, server: subprocess.Popen, timeout: float, verify: ssl.SSLContext | bool = True
+) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if server.poll() is not None:
             raise RuntimeError("the server exited during start-up")
         try:
-            if httpx.get(f"{url}/api/v1/health", timeout=2).status_code == 200:
+            if httpx.get(f"{url}/api/v1/health", timeout=2, verify=verify).status_code == 200:
                 return
         except httpx.TransportError:
             pass
@@ -141,11 +186,11 @@ def wait_until_up(url: str, server: subprocess.Popen, timeout: float) -> None:
     raise RuntimeError(f"the server did not answer within {timeout:.0f} s")
 
 
-def wait_for_eval(url: str, version: int, timeout: float) -> float | None:
+def wait_for_eval(url: str, version: int, timeout: float, headers: dict[str, str]) -> float | None:
     """The validation loss of `version` once the server's Evaluator has scored it."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        evals = httpx.get(f"{url}/api/v1/history", timeout=10).json()["evals"]
+        evals = httpx.get(f"{url}/api/v1/history", timeout=10, headers=headers).json()["evals"]
         scored = [e for e in evals if e["version"] >= version]
         if scored:
             return scored[0]["valid_loss"]
@@ -185,9 +230,9 @@ def status_table(info: dict, history: dict, remaining: float) -> Table:
     return table
 
 
-def sample_generation(url: str, prompt: str, max_new_tokens: int = 60) -> str:
+def sample_generation(url: str, admin_token: str, prompt: str, max_new_tokens: int = 60) -> str:
     """Text from the server's current weights, generated here (off the server's path)."""
-    client = CoordinatorClient(url, "demo")
+    client = CoordinatorClient(url, api_token=admin_token)
     try:
         model = GPT(client.model_config())
         tokenizer = Tokenizer.from_json(client.tokenizer_json())
@@ -222,7 +267,7 @@ def run_demo(options: DemoOptions, console: Console) -> int:
         swarm.start_server(port, data_dir, options.model, demo_server_env(options.nodes))
         wait_until_up(url, swarm.server, STARTUP_TIMEOUT_S)
         console.print(f"server up at {url}  (API docs: {url}/docs)")
-        before = wait_for_eval(url, 0, 120)
+        before = wait_for_eval(url, 0, 120, swarm.admin)
         if before is None:
             raise RuntimeError("the server did not score the untrained model within 120 s")
         console.print(f"validation loss of the untrained model: {before:.3f}")
@@ -240,9 +285,9 @@ def run_demo(options: DemoOptions, console: Console) -> int:
                 if all(p.poll() is not None for p in swarm.nodes):
                     console.print(f"[red]every node exited[/]\n{escape(swarm.log_tail('node-0'))}")
                     return 1
-                info = httpx.get(f"{url}/api/v1/info", timeout=30).json()
+                info = httpx.get(f"{url}/api/v1/info", timeout=30, headers=swarm.admin).json()
                 history = httpx.get(
-                    f"{url}/api/v1/history", params={"since": -1}, timeout=30
+                    f"{url}/api/v1/history", params={"since": -1}, timeout=30, headers=swarm.admin
                 ).json()
                 live.update(status_table(info, history, remaining))
                 time.sleep(min(1.0, max(remaining, 0)))
@@ -271,13 +316,15 @@ def _finish(
 ) -> int:
     console.print("\nstopping the nodes ...")
     swarm.stop_nodes()
-    version = httpx.get(f"{url}/api/v1/info", timeout=30).json()["version"]
-    after = wait_for_eval(url, version, 120)
+    version = httpx.get(f"{url}/api/v1/info", timeout=30, headers=swarm.admin).json()["version"]
+    after = wait_for_eval(url, version, 120, swarm.admin)
     console.print(f"\n[bold]trained {version} versions[/]")
     if before is not None and after is not None:
         console.print(
             f"validation loss: {before:.3f} -> {after:.3f} ({before - after:+.3f} better)"
         )
     console.print("\n[bold]sample[/] (temperature 0.8, top-k 40):")
-    console.print(sample_generation(url, options.prompt), highlight=False, markup=False)
+    console.print(
+        sample_generation(url, swarm.admin_token, options.prompt), highlight=False, markup=False
+    )
     return 0

@@ -28,9 +28,11 @@ else:  # pragma: no cover
     import tomli as tomllib
 
 CONFIG_ENV = "CROWDTRAIN_CONFIG"
+SERVER_URL_ENV = "CROWDTRAIN_SERVER"  # read by the admin commands (admin_cli.py), not a setting
 # A node's name, as NodeSettings takes it and the server accepts it in X-Crowdtrain-Node
 NODE_NAME_CHARS = "A-Za-z0-9._-"
 NODE_NAME_MAX = 64
+NODE_NAME_PATTERN = rf"[{NODE_NAME_CHARS}]{{1,{NODE_NAME_MAX}}}"  # a node name or id, whole
 _toml_values: ContextVar[dict[str, Any]] = ContextVar("toml_values")
 
 
@@ -197,6 +199,9 @@ class ServerSettings(_Settings):
     max_submissions_per_min: int = Field(
         600, ge=1, description="updates one node may submit per minute; more get 429"
     )
+    max_leases_per_node: int = Field(
+        64, ge=1, description="shard leases one node may hold at once; more get 429"
+    )
     max_auth_failures_per_min: int = Field(
         20, ge=1, description="failed logins from one address per minute before 429"
     )
@@ -204,7 +209,7 @@ class ServerSettings(_Settings):
         10, ge=1, description="node registrations from one address per minute before 429"
     )
     heartbeat_s: float = Field(
-        2.0, gt=0, le=60, description="how often nodes send a heartbeat on their WebSocket"
+        2.0, ge=0.5, le=60, description="how often nodes send a heartbeat on their WebSocket"
     )
     session_timeout_s: float = Field(
         6.0, gt=0, le=600, description="a node silent on its WebSocket this long is gone"
@@ -217,6 +222,16 @@ class ServerSettings(_Settings):
     eval_every: int = Field(10, ge=1, description="validate every N versions (and when idle)")
     eval_batches: int = Field(8, ge=1)
     eval_batch_size: int = Field(16, ge=1)
+
+    @model_validator(mode="after")
+    def _session_timing(self) -> ServerSettings:
+        if self.session_timeout_s < 2 * self.heartbeat_s:
+            raise ValueError(
+                f"session_timeout_s ({self.session_timeout_s}) must be at least twice "
+                f"heartbeat_s ({self.heartbeat_s}): a node whose heartbeat is a little late "
+                "would be marked gone"
+            )
+        return self
 
     @model_validator(mode="after")
     def _tls_pair(self) -> ServerSettings:
@@ -269,7 +284,8 @@ class NodeSettings(_Settings):
         None,
         max_length=NODE_NAME_MAX,
         pattern=rf"^[{NODE_NAME_CHARS}]+$",
-        description="node name shown by the server; default host-pid",
+        description="node name shown by the server; default the host name (a second node on "
+        "the same machine needs a name of its own)",
     )
     token: SecretStr | None = Field(
         None,
@@ -291,6 +307,12 @@ class NodeSettings(_Settings):
     )
     websocket: bool = Field(
         True, description="keep a WebSocket session with the server (pushes, heartbeats)"
+    )
+    location: str | None = Field(
+        None,
+        max_length=64,
+        pattern=r"^[^\x00-\x1f\x7f]*$",
+        description="where this node is, as its session tells the server (shown in /info)",
     )
     device: str = Field("auto", description="auto, cpu, cuda or cuda:N")
     batch_size: int = Field(16, ge=1, le=4096, description="sequences per micro-batch")
@@ -435,7 +457,7 @@ def _check_environment(cls: type[_Settings]) -> None:
     ]
     for key in os.environ:
         upper = key.upper()
-        if not upper.startswith(prefix) or upper == CONFIG_ENV:
+        if not upper.startswith(prefix) or upper in (CONFIG_ENV, SERVER_URL_ENV):
             continue
         if any(upper.startswith(p) for p in other_prefixes):
             continue

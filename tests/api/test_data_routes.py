@@ -27,7 +27,7 @@ from crowdtrain.server.app import create_app
 from crowdtrain.server.runtime import DEFAULT_DATASET
 from crowdtrain.settings import ServerSettings
 
-from .conftest import API, TEST_SECURITY, Server, next_seq
+from .conftest import ADMIN, API, TEST_SECURITY, Server, next_seq
 
 # small shards: dozens of them, so the tests sharing this server never run out
 SERVER_SETTINGS = {"shard_tokens": 4096, "max_staleness": 0, "checkpoint_every": 1000}
@@ -119,7 +119,7 @@ def upload(server: Server, name: str, filename: str, content, split: str = "trai
     return server.client.put(
         API + f"/datasets/{name}/{split}/files/{filename}",
         content=content,
-        headers={"Content-Type": "application/octet-stream"},
+        headers={**ADMIN, "Content-Type": "application/octet-stream"},
     )
 
 

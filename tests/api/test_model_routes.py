@@ -12,9 +12,12 @@ from crowdtrain.model.tokenizer import Tokenizer
 from crowdtrain.protocol import encoding
 from crowdtrain.protocol.snapshot import decode_snapshot
 
+from .conftest import ADMIN
+
 
 def raw_get(server, path: str, **kwargs):
     """(response, body exactly as sent): httpx would otherwise undo a Content-Encoding."""
+    kwargs["headers"] = {**ADMIN, **kwargs.get("headers", {})}
     with server.client.stream("GET", "/api/v1" + path, **kwargs) as response:
         return response, b"".join(response.iter_raw())
 
@@ -173,10 +176,15 @@ def test_snapshot_downloads_are_counted_for_the_node(server):
     assert server.node("counter-node")["bytes_out"] == before_bytes + len(response.content)
 
 
-def test_snapshot_with_a_bad_node_header_is_400(server):
-    response = server.get("/model/snapshot", headers=server.as_node("not a name!"))
-    assert_error(response, 400, "bad_node_id")
-    assert server.node("not a name!") is None
+def test_a_snapshot_needs_a_node_or_admin_token(server):
+    assert_error(server.client.get("/api/v1/model/snapshot"), 401, "not_authenticated")
+    viewer = server.client.post("/api/v1/tokens", json={"role": "viewer"}, headers=ADMIN)
+    headers = {"Authorization": f"Bearer {viewer.json()['token']}"}
+    assert_error(server.get("/model/snapshot", headers=headers), 403, "forbidden")
+    # an admin's download is not counted as a node's traffic
+    nodes = {n["node_id"] for n in server.info()["nodes"]}
+    assert server.get("/model/snapshot").status_code == 200
+    assert {n["node_id"] for n in server.info()["nodes"]} == nodes
 
 
 def test_deltas_up_to_date_is_204(server):

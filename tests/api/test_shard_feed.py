@@ -11,6 +11,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from crowdtrain.node.client import CoordinatorClient, Refused
+from crowdtrain.node.credentials import NodeLogin
 from crowdtrain.node.data import MAX_CARRIES, ShardCache, ShardFeed
 from crowdtrain.protocol.update import MAX_LEASES_PER_UPDATE
 
@@ -26,13 +27,14 @@ def make_feed(server, tmp_path):
     stop = threading.Event()
 
     def make(name: str, cache_bytes: int = 1 << 30) -> ShardFeed:
-        client = CoordinatorClient("http://testserver", name, should_stop=stop.is_set)
+        # a node identity of its own, registered through the real login path
+        login = NodeLogin(tmp_path / "config", "http://testserver", name, server.enrollment_token())
+        client = CoordinatorClient("http://testserver", login, should_stop=stop.is_set)
         client._http.close()
         # the real app, in-process, as this node. Uncompressed: Starlette's TestClient hands
         # back bodies without undoing Content-Encoding (real nodes get zstd; the e2e tests)
-        client._http = TestClient(
-            server.client.app, headers={**server.as_node(name), "Accept-Encoding": "identity"}
-        )
+        client._http = TestClient(server.client.app, headers={"Accept-Encoding": "identity"})
+        client.connect()
         block = server.runtime.config.block_size
         feed = ShardFeed(
             client, ShardCache(tmp_path / name, cache_bytes), BATCH, block, stop.is_set
@@ -88,7 +90,7 @@ def test_finished_leases_wait_for_an_accepted_update(server, make_feed):
     assert finished[0] not in feed._held
     assert (
         server.client.post(
-            f"/api/v1/leases/{finished[0]}/renew", headers=server.as_node("carrier")
+            f"/api/v1/leases/{finished[0]}/renew", headers=feed.client.auth_headers()
         ).status_code
         == 200
     )  # still the node's until its update applies, but no longer renewed
@@ -99,7 +101,7 @@ def test_a_lost_lease_is_left_for_another_shard(server, make_feed):
     feed.next()
     lost = feed._reading
     # the server lets it expire (the node seemed gone); the next renewal finds out
-    server.client.delete(f"/api/v1/leases/{lost}", headers=server.as_node("sleeper"))
+    server.client.delete(f"/api/v1/leases/{lost}", headers=feed.client.auth_headers())
     with feed._lock:
         feed._held[lost] = 0.0
     deadline = time.monotonic() + 10

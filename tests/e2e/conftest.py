@@ -35,8 +35,20 @@ class E2E:
         for _ in range(count):
             self.swarm.start_node(len(self.swarm.nodes), self.url, density, 1, args, node_env)
 
+    @property
+    def admin(self) -> dict[str, str]:
+        """Headers of the server's admin (the swarm's CROWDTRAIN_ADMIN_TOKEN)."""
+        return self.swarm.admin
+
+    def enrollment_token(self) -> str:
+        """The swarm's enrollment token for this server (what its nodes register with)."""
+        return self.swarm.enrollment_token(self.url)
+
     def get(self, path: str, **params) -> dict:
-        return httpx.get(f"{self.url}/api/v1{path}", params=params, timeout=60).json()
+        """GET an API path as the admin; the JSON answer."""
+        return httpx.get(
+            f"{self.url}/api/v1{path}", params=params, timeout=60, headers=self.admin
+        ).json()
 
     def wait_for(self, predicate, timeout: float, what: str):
         """The first truthy value of `predicate()`, polled until `timeout` seconds pass."""

@@ -8,6 +8,7 @@ import torch
 from crowdtrain.compression.codecs import get_value_codec
 from crowdtrain.compression.topk import TopKCompressor
 from crowdtrain.node.client import CoordinatorClient
+from crowdtrain.node.credentials import NodeLogin
 from crowdtrain.protocol.update import UPDATE_FORMAT, UpdateMeta, encode_update
 
 ROUNDS = 150
@@ -32,7 +33,10 @@ ENTRY_BYTES = {"fp16": 4 + 2, "int8": 4 + 1 + 4 / 64}
 def test_replica_stays_bit_identical_after_many_rounds(e2e, downlink):
     settings, pull_every, uplink_codec = DOWNLINKS[downlink]
     e2e.start_server(evaluate="false", max_staleness=0, warmup_versions=5, **settings)
-    client = CoordinatorClient(e2e.url, "follower")
+    # a node of its own: it submits the updates and follows what the server publishes
+    login = NodeLogin(e2e.root / "follower-config", e2e.url, "follower", e2e.enrollment_token())
+    client = CoordinatorClient(e2e.url, login)
+    client.connect()
     manifest = client.manifest()
     version, lineage, replica = client.snapshot(manifest)
     initial = {name: t.clone() for name, t in replica.items()}
@@ -52,6 +56,7 @@ def test_replica_stays_bit_identical_after_many_rounds(e2e, downlink):
                 samples=4,
                 tokens=512,
                 loss=5.0,
+                seq=login.next_seq(),
             )
             client.submit(encode_update(compressor.compress(gradients), meta))[0]
             server_version = client.wait_for_version(server_version, 30)["version"]

@@ -70,6 +70,21 @@ def complete(book: LeaseBook, grant, node: str, update_id: str, version: int) ->
 # ---------------------------------------------------------------------------------- issuing
 
 
+def test_a_node_holds_at_most_max_per_node_active_leases(setup, clock):
+    store, info = setup
+    book = LeaseBook(store.db, info, ttl_s=TTL_S, clock=clock, max_per_node=2)
+    first, second = book.acquire("greedy"), book.acquire("greedy")
+    error = lease_error(book.acquire, "greedy")
+    assert (error.status, error.code) == (429, "too_many_leases")
+    assert "max_leases_per_node" in error.message
+    assert book.acquire("other") is not None  # the cap is per node
+    # a submitted lease no longer counts: the node may take the next shard
+    assert book.hold([first.id], "greedy", "u1") == {first.id: "submitted"}
+    assert book.acquire("greedy") is not None
+    book.release(second.id, "greedy")
+    assert book.acquire("greedy") is not None
+
+
 def test_acquire_hands_out_every_shard_once_per_epoch_then_runs_ahead(setup, clock):
     store, info = setup
     book = LeaseBook(store.db, info, ttl_s=TTL_S, lookahead=2, clock=clock)

@@ -53,3 +53,18 @@ def test_an_unknown_dataset_names_the_known_ones(tmp_path):
     small_dataset(tmp_path, valid=True)
     with pytest.raises(SettingsError, match=r"no dataset named 'other'; datasets: small"):
         runtime(tmp_path, dataset="other")
+
+
+def test_the_first_admin_token_is_shown_even_when_the_first_start_fails(tmp_path):
+    """It is made (and its hash stored) before the rest of the set-up: a start that fails
+    later must still have shown it, since the next start makes none."""
+    shown: list[str] = []
+    settings = ServerSettings(data_dir=tmp_path, dataset="no-such-dataset")
+    with pytest.raises(SettingsError, match="no-such-dataset"):
+        ServerRuntime(settings, on_admin_token=shown.append)
+    assert len(shown) == 1 and shown[0].startswith("ct_admin_")
+    # the next start finds it (by its hash) and makes no other
+    again: list[str] = []
+    with pytest.raises(SettingsError):
+        ServerRuntime(settings, on_admin_token=again.append)
+    assert again == []

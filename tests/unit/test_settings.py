@@ -235,3 +235,14 @@ def test_no_server_variable_reads_like_a_node_variable():
     server_prefix = ServerSettings.model_config["env_prefix"]
     for field in ServerSettings.model_fields:
         assert not (server_prefix + field.upper()).startswith(node_prefix), field
+
+
+def test_a_session_timeout_under_two_heartbeats_fails():
+    with pytest.raises(SettingsError, match=r"session_timeout_s \(3.0\) must be at least twice"):
+        load_settings(ServerSettings, heartbeat_s=2.0, session_timeout_s=3.0)
+    assert load_settings(ServerSettings, heartbeat_s=2.0, session_timeout_s=4.0)
+
+
+def test_tls_cert_needs_its_key():
+    with pytest.raises(SettingsError, match="tls_cert and tls_key go together"):
+        load_settings(ServerSettings, tls_cert="cert.pem")

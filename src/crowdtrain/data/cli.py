@@ -11,7 +11,7 @@ from rich.table import Table
 
 from crowdtrain.progress import human_bytes
 from crowdtrain.settings import ServerSettings, SettingsError, load_settings
-from crowdtrain.terminal import CONFIG_HELP, console, fail
+from crowdtrain.terminal import CONFIG_HELP, console, fail, table_text
 
 data_app = typer.Typer(
     help="Manage the training data a server hands out: datasets with train, valid and "
@@ -133,7 +133,7 @@ def list_(
                 "-" if split["shards"] is None else str(split["shards"]),
                 str(split["sources"]),
             )
-    typer.echo(_render(table))
+    typer.echo(table_text(table))
 
 
 @data_app.command("show")
@@ -176,7 +176,7 @@ def show(
                 f"{source['duplicates']:,}",
                 datetime.fromtimestamp(source["imported_at"]).strftime("%Y-%m-%d %H:%M"),
             )
-        typer.echo(_render(sources))
+        typer.echo(table_text(sources))
         if split["tokenizations"]:
             shards = Table("tokenizer", "shard tokens", "tokens", "shards", "state")
             for t in split["tokenizations"]:
@@ -188,7 +188,7 @@ def show(
                     str(t["shards"]),
                     state,
                 )
-            typer.echo(_render(shards))
+            typer.echo(table_text(shards))
 
 
 @data_app.command("remove")
@@ -215,13 +215,3 @@ def remove(
     except StoreError as error:
         fail(str(error), code=1)
     console.print(f"removed dataset {name!r}", highlight=False)
-
-
-def _render(table: Table) -> str:
-    """A table as plain text for stdout (pipes and terminals alike)."""
-    from rich.console import Console
-
-    capture = Console(width=max(100, console.width), color_system=None)
-    with capture.capture() as captured:
-        capture.print(table)
-    return captured.get().rstrip("\n")

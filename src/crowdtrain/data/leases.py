@@ -67,7 +67,9 @@ class LeaseBook:
         seed: int = 0,
         lookahead: int = LOOKAHEAD,
         clock: Callable[[], float] = time.time,
+        max_per_node: int | None = None,
     ):
+        """`max_per_node`: active leases one node may hold at once (None: no cap)."""
         if not tokenization.shards:
             raise ValueError(f"{tokenization.dataset}/{tokenization.split} has no shards")
         self.db = db
@@ -77,7 +79,9 @@ class LeaseBook:
         self.seed = seed
         self.lookahead = lookahead
         self.clock = clock
+        self.max_per_node = max_per_node
         self._lock = threading.Lock()
+        self._freed_listeners: list[Callable[[int], None]] = []
         with self.db.transaction() as session:
             # their updates were queued in memory by the last process and are gone
             lost = session.execute(
@@ -112,6 +116,19 @@ class LeaseBook:
             )
         return len(void)
 
+    def on_freed(self, listener: Callable[[int], None]) -> None:
+        """Call `listener(count)` when shards go back to the pool (released, found expired) or
+        a new epoch opens: a hint for waiting nodes (the server's sessions offer them). It runs
+        under the book's lock, so it must only hand the news on."""
+        self._freed_listeners.append(listener)
+
+    def _freed(self, count: int) -> None:
+        for listener in self._freed_listeners:
+            try:
+                listener(count)
+            except Exception:  # a hint that failed must not fail the lease call
+                log.exception("a lease listener failed")
+
     # ---- helpers ------------------------------------------------------------------------
 
     def _epoch_ids(self, session: Session):
@@ -136,6 +153,7 @@ class LeaseBook:
         ).rowcount
         if expired:
             log.info("%d lease(s) expired; their shards go back to the pool", expired)
+            self._freed(expired)
 
     def _open_epochs(self, session: Session) -> list[Epoch]:
         """The oldest open epoch and the `lookahead` - 1 after it (created when a lease needs
@@ -180,6 +198,7 @@ class LeaseBook:
         leased or done (ask again later)."""
         with self._lock, self.db.transaction() as session:
             self._expire(session)
+            self._check_cap(session, node)
             previous: Epoch | None = None
             for epoch in self._open_epochs(session):
                 if epoch is None:
@@ -217,6 +236,24 @@ class LeaseBook:
                 )
             return None
 
+    def _check_cap(self, session, node: str) -> None:
+        """Refuse a node that already holds `max_per_node` active leases: one node must not
+        take every free shard (a node normally holds one, plus those its next update ends)."""
+        if self.max_per_node is None:
+            return
+        held = session.scalar(
+            select(func.count())
+            .select_from(Lease)
+            .where(Lease.node == node, Lease.state == "active")
+        )
+        if held >= self.max_per_node:
+            raise LeaseError(
+                429,
+                "too_many_leases",
+                f"this node holds {held} active leases, the most one node may hold "
+                f"(max_leases_per_node); finish or release some first",
+            )
+
     def renew(self, lease_id: str, node: str) -> float:
         """Push the expiry out by ttl; the new expiry. A lease that already ended is lost."""
         with self._lock, self.db.transaction() as session:
@@ -238,6 +275,7 @@ class LeaseBook:
             lease = self._lease(session, lease_id, node)
             if lease.state == "active":
                 lease.state, lease.ended_at = "returned", self.clock()
+                self._freed(1)
 
     # ---- what the server does around an update ------------------------------------------
 
@@ -331,6 +369,7 @@ class LeaseBook:
             if done == len(self.shards):
                 epoch.completed_at = now
                 log.info("epoch %d complete: all %d shards trained once", epoch.number, done)
+                self._freed(len(self.shards))  # the next epoch past the lookahead opens
 
     # ---- reports ------------------------------------------------------------------------
 

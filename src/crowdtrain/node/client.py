@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import random
 import ssl
 import threading
 import time
@@ -17,16 +16,14 @@ from crowdtrain import __version__
 from crowdtrain.compression.sparse import SparseDelta
 from crowdtrain.model.gpt import GPTConfig
 from crowdtrain.node.credentials import NodeLogin
+from crowdtrain.node.tls import certificate_error
+from crowdtrain.node.waiting import Stopped, backoff_s, sleep_unless_stopped
 from crowdtrain.protocol.manifest import Manifest
 from crowdtrain.protocol.snapshot import decode_deltas, decode_snapshot
 
 log = logging.getLogger(__name__)
 
 API = "/api/v1"
-
-
-class Stopped(Exception):
-    """The node was asked to stop while it waited for the server."""
 
 
 class Refused(RuntimeError):
@@ -98,6 +95,11 @@ class CoordinatorClient:
             return {"Authorization": f"Bearer {self.api_token}"}
         return {}
 
+    def renew_login(self) -> None:
+        """Take a new access token now (the WebSocket handshake found this one expired)."""
+        if self.login is not None:
+            self.login.renew(self._http)
+
     def close(self) -> None:
         self._http.close()
         if self.login is not None:
@@ -114,6 +116,9 @@ class CoordinatorClient:
                     method, API + path, **self._paced(self._authed(kwargs))
                 )
             except httpx.TransportError as exc:
+                refusal = certificate_error(exc, self.base_url)
+                if refusal is not None:  # retrying cannot fix a certificate
+                    raise refusal from None
                 reason, retry_after = f"server unreachable ({type(exc).__name__})", None
             else:
                 with self._lock:
@@ -132,11 +137,10 @@ class CoordinatorClient:
                     return response
                 reason = f"server answered {response.status_code}"
                 retry_after = _retry_after(response)
-            delay = retry_after or min(self.max_backoff_s, 0.5 * 2 ** min(attempt, 10))
-            delay *= random.uniform(0.5, 1.0) if retry_after is None else 1.0
+            delay = retry_after or backoff_s(attempt, self.max_backoff_s)
             log.warning("%s; retrying in %.1f s", reason, delay)
             attempt += 1
-            self._sleep(delay)
+            sleep_unless_stopped(delay, self.should_stop)
 
     def _authed(self, kwargs: dict) -> dict:
         return {**kwargs, "headers": {**kwargs.get("headers", {}), **self.auth_headers()}}
@@ -159,13 +163,6 @@ class CoordinatorClient:
         except httpx.HTTPError:
             return None
         return time.monotonic() - started
-
-    def _sleep(self, seconds: float) -> None:
-        end = time.monotonic() + seconds
-        while time.monotonic() < end:
-            if self.should_stop():
-                raise Stopped()
-            time.sleep(min(0.1, end - time.monotonic()))
 
     def info(self) -> dict:
         return self.request("GET", "/info").json()

@@ -20,11 +20,14 @@ from urllib.parse import urlsplit
 import httpx
 
 from crowdtrain.files import write_atomic
+from crowdtrain.node.tls import certificate_error
+from crowdtrain.node.waiting import backoff_s, sleep_unless_stopped
 
 log = logging.getLogger(__name__)
 
 API = "/api/v1"
-RENEW_BEFORE_S = 60.0  # renew an access token this long before it expires
+RENEW_BEFORE_S = 60.0
+MAX_BACKOFF_S = 30.0  # renew an access token this long before it expires
 
 try:  # POSIX: an identity is used by one process at a time
     import fcntl
@@ -188,25 +191,20 @@ class NodeLogin:
 
     def _post(self, http: httpx.Client, path: str, body: dict, doing: str) -> dict:
         """POST to the accounts API, retrying while the server is unreachable or busy."""
-        delay = 0.5
+        attempt = 0
         while True:
             try:
                 response = http.post(API + path, json=body, timeout=30.0)
             except httpx.TransportError as error:
-                if isinstance(error, httpx.ConnectError) and "CERTIFICATE" in str(error).upper():
-                    raise LoginError(f"{doing} on {self.server} failed: {error}") from None
+                refusal = certificate_error(error, self.server)
+                if refusal is not None:  # retrying cannot fix a certificate
+                    raise refusal from None
                 response = None
             if response is not None and response.status_code < 500 and response.status_code != 429:
                 break
             log.warning("%s on %s: the server is unreachable or busy; retrying", doing, self.server)
-            end = time.monotonic() + delay
-            while time.monotonic() < end:
-                if self.should_stop():
-                    from crowdtrain.node.client import Stopped
-
-                    raise Stopped()
-                time.sleep(0.1)
-            delay = min(delay * 2, 30.0)
+            sleep_unless_stopped(backoff_s(attempt, MAX_BACKOFF_S), self.should_stop)
+            attempt += 1
         if response.status_code >= 400:
             try:
                 detail = response.json().get("detail", response.text)

@@ -111,6 +111,8 @@ class ShardFeed:
         self._reader: SequentialBatches | None = None
         self._pending: tuple[str, torch.Tensor, torch.Tensor] | None = None  # rows not yet used
         self.shards_read = 0
+        self.waiting = False  # for a free shard (the node's session reports it)
+        self._offered = threading.Event()  # the server's session said a shard was freed
         self._stop = threading.Event()
         self._renewer = threading.Thread(target=self._renew_loop, name="leases", daemon=True)
         self._renewer.start()
@@ -152,6 +154,7 @@ class ShardFeed:
 
     def _open_next(self) -> None:
         while True:
+            self._offered.clear()  # an offer from now on wakes the wait below
             offer = self.client.lease()
             if offer["lease"] is None:
                 self._wait(float(offer.get("retry_after_s") or 5.0))
@@ -173,13 +176,22 @@ class ShardFeed:
         self._reading = lease
         self._reader = SequentialBatches(tokens, self.batch_size, self.block_size, mask=mask)
 
+    def offer(self) -> None:
+        """A shard went back to the server's pool: a node waiting for one asks at once."""
+        self._offered.set()
+
     def _wait(self, seconds: float) -> None:
         log.info("no shard free right now; asking again in %.0f s", seconds)
         end = time.monotonic() + seconds
-        while time.monotonic() < end:
-            if self.should_stop():
-                raise Stopped()
-            time.sleep(0.1)
+        self.waiting = True
+        try:
+            while time.monotonic() < end:
+                if self.should_stop():
+                    raise Stopped()
+                if self._offered.wait(min(0.1, max(0.0, end - time.monotonic()))):
+                    return
+        finally:
+            self.waiting = False
 
     def _load(self, shard: dict) -> tuple[np.ndarray, np.ndarray | None]:
         dtype = np.dtype(shard["dtype"]).newbyteorder("<")

@@ -32,11 +32,13 @@ from crowdtrain.data.corpus import load_text_files
 from crowdtrain.model.gpt import GPT
 from crowdtrain.model.tokenizer import Tokenizer
 from crowdtrain.node.client import CoordinatorClient, Refused, Stopped
-from crowdtrain.node.credentials import NodeLogin, default_config_dir
+from crowdtrain.node.credentials import LoginError, NodeLogin, default_config_dir
 from crowdtrain.node.data import ShardCache, ShardFeed, default_cache_dir
 from crowdtrain.node.density import DensityController, DensityPolicy, LinkReport
 from crowdtrain.node.follower import Follower
 from crowdtrain.node.progress import NodeProgress
+from crowdtrain.node.session import NodeBridge, NodeSession
+from crowdtrain.node.tls import client_ssl
 from crowdtrain.node.trainer import (
     DiLoCoTrainer,
     LocalTrainer,
@@ -134,6 +136,9 @@ class Node:
             settings.max_backoff_s,
             should_stop=self._should_stop,
             upload_limit=settings.upload_limit,
+            verify=client_ssl(
+                settings.server, settings.ca_cert, settings.pin_sha256, self.stop_event.is_set
+            ),
         )
         self.density = DensityController(
             DensityPolicy(
@@ -150,11 +155,18 @@ class Node:
         self.lineage = ""
         self.feed: ShardFeed | None = None
         self.follower: Follower | None = None
+        self.session: NodeSession | None = None  # the WebSocket session (node/session.py)
+        self.revoked: str | None = None  # why the server banned this node, once it did
         self.data_source = "server"
         self._accepted_uploads = 0  # on the upload thread: when to re-measure the rtt
 
     def _should_stop(self) -> bool:
         return self.stop_event.is_set() or self._finished.is_set()
+
+    def revoke(self, message: str) -> None:
+        """The server banned this node: stop at once; run() then raises LoginError(message)."""
+        self.revoked = message
+        self._finished.set()
 
     # ---- setup --------------------------------------------------------------------------
 
@@ -316,16 +328,27 @@ class Node:
             with progress:
                 progress.status("connecting")
                 self._connect()
+                if self.settings.websocket:
+                    self.session = NodeSession(
+                        self.client, NodeBridge(self), self.settings.max_backoff_s
+                    )
+                    self.session.start()
                 self._loop(progress)
         except Stopped:
             pass
         finally:
             self._finished.set()
+            if self.session is not None:
+                self.session.stop()
             if self.feed is not None:
                 self.feed.close()
             self.client.close()  # an in-flight long poll fails now, so the follower ends
             if self.follower is not None:
                 self.follower.join()
+            if self.session is not None:
+                self.session.join()
+        if self.revoked is not None:
+            raise LoginError(self.revoked)
         return self.stats
 
     def _loop(self, progress: NodeProgress) -> None:
@@ -333,8 +356,14 @@ class Node:
         # little, while an outer step on a stale pseudo-gradient (momentum 0.9) diverges
         overlap = self.settings.overlap and self.training.get("algorithm") != "diloco"
         in_flight: tuple[Future, int] | None = None
+        session = self.session
         self.follower = Follower(
-            self.client, self.manifest, self.version, self.lineage, self._should_stop
+            self.client,
+            self.manifest,
+            self.version,
+            self.lineage,
+            self._should_stop,
+            pushes=(lambda: session.up) if session is not None else None,
         )
         self.follower.start()
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="upload") as uploads:

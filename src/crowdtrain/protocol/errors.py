@@ -17,3 +17,13 @@ class WireError(Exception):
 
     def to_json(self) -> dict[str, Any]:
         return {"error": self.code, "detail": self.message, **self.extra}
+
+
+def invalid_request(errors: list[dict[str, Any]], where: str = "body") -> WireError:
+    """422 `invalid_request` naming each problem of a pydantic validation (`query.since: Input
+    should be ...`); `where` names a problem without a location."""
+    problems = "; ".join(
+        f"{'.'.join(str(part) for part in error['loc']) or where}: {error['msg']}"
+        for error in errors
+    )
+    return WireError(422, "invalid_request", problems[:2000])

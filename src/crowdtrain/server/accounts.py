@@ -10,6 +10,7 @@ process (`crowdtrain tokens create --data-dir`) is found in the database on firs
 from __future__ import annotations
 
 import hashlib
+import logging
 import re
 import secrets
 import threading
@@ -18,6 +19,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from sqlalchemy import select, update
+from sqlalchemy.exc import SQLAlchemyError
 
 from crowdtrain.db import Database
 from crowdtrain.db.models import AccessToken, NodeAccount
@@ -25,11 +27,27 @@ from crowdtrain.protocol.errors import WireError
 from crowdtrain.server.audit import AuditLog
 from crowdtrain.settings import NODE_NAME_MAX
 
+log = logging.getLogger(__name__)
+
 ROLES = ("admin", "node", "viewer")
 TOKEN_PREFIX = {"admin": "ct_admin_", "viewer": "ct_view_", "node": "ct_enroll_"}
 REFRESH_PREFIX = "ct_refresh_"
 TOKEN_PATTERN = re.compile(r"^ct_[a-z]+_[A-Za-z0-9_-]{20,100}$")
 SHOWN_CHARS = 14  # of a token, kept in clear to tell tokens apart in lists
+USE_NOTED_EVERY_S = 60.0
+DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhdw]?)\s*$")
+UNIT_S = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+
+
+def parse_duration(text: str) -> float:
+    """'7d' -> 604800.0; plain numbers are seconds. Units: s, m, h, d, w."""
+    match = DURATION.match(text.lower())
+    if match is None or float(match.group(1)) <= 0:
+        raise ValueError(
+            f"{text!r} is not a duration; write a positive number with an optional unit "
+            "(s, m, h, d, w), for example 7d or 12h"
+        )
+    return float(match.group(1)) * UNIT_S[match.group(2)]
 
 
 def new_secret(prefix: str) -> str:
@@ -47,6 +65,7 @@ class TokenInfo:
     role: str
     expires_at: float | None
     revoked: bool
+    noted_at: float = 0.0  # when its last use was written to the database
 
     def problem(self, now: float) -> tuple[int, str, str] | None:
         """Why the token cannot be used now, as (status, code, message), or None."""
@@ -66,6 +85,13 @@ class NodeState:
     last_seq: int
     last_update_id: str = ""
     saved_seq: int = 0  # what the database holds
+    created_at: float = 0.0
+
+    @property
+    def registration(self) -> int:
+        """What tells this registration from an earlier one under the same id (its time in
+        ms): access tokens carry it."""
+        return round(self.created_at * 1000)
 
 
 def token_public(token: AccessToken, now: float | None = None) -> dict[str, Any]:
@@ -112,6 +138,7 @@ class Accounts:
         self.db = db
         self.audit = audit
         self._lock = threading.Lock()
+        self._register_lock = threading.Lock()
         self._tokens: dict[str, TokenInfo] = {}  # by hash: api tokens seen so far
         self._nodes: dict[str, NodeState] = {}
         self._listeners: list = []  # called with a node id when it is banned
@@ -124,6 +151,7 @@ class Accounts:
                     account.revoked_at is not None,
                     account.last_seq,
                     saved_seq=account.last_seq,
+                    created_at=account.created_at,
                 )
 
     def on_ban(self, listener) -> None:
@@ -258,9 +286,10 @@ class Accounts:
                 )
             public = token_public(token)
             hash_ = token.hash
-        with self._lock:
-            if hash_ in self._tokens:
-                self._tokens[hash_].revoked = True
+        with self._lock:  # replaced, not patched: a lookup racing this one cannot undo it
+            self._tokens[hash_] = TokenInfo(
+                public["id"], public["kind"], public["role"], public["expires_at"], True
+            )
         return public
 
     def api_token(self, secret: str) -> TokenInfo | None:
@@ -279,14 +308,35 @@ class Accounts:
                 )
             with self._lock:
                 info = self._tokens.setdefault(key, info)
+        self._note_use(info)
         return info
+
+    def _note_use(self, info: TokenInfo) -> None:
+        """Keep `last_used_at` of an API token, written at most once a minute per token."""
+        now = time.time()
+        with self._lock:
+            if now - info.noted_at < USE_NOTED_EVERY_S:
+                return
+            info.noted_at = now
+
+        def write() -> None:  # off the request path: a busy database must not stall it
+            try:
+                with self.db.transaction() as session:
+                    statement = update(AccessToken).where(AccessToken.id == info.id)
+                    session.execute(statement.values(last_used_at=now))
+            except SQLAlchemyError as error:
+                log.warning("could not note the use of token %d: %s", info.id, error)
+
+        threading.Thread(target=write, name="token-use", daemon=True).start()
 
     # ---- nodes -----------------------------------------------------------------------
 
     def register(self, secret: str, name: str, address: str = "") -> tuple[NodeState, str]:
         """Trade an enrollment token for a node identity; returns it and its refresh token."""
         now = time.time()
-        with self.db.transaction() as session:
+        # one registration at a time in this process (a name is checked, then taken), and the
+        # use is counted by one conditional UPDATE, so parallel requests cannot overdraw it
+        with self._register_lock, self.db.transaction() as session:
             token = session.scalar(select(AccessToken).where(AccessToken.hash == digest(secret)))
             if token is None or token.kind != "enroll":
                 raise WireError(
@@ -300,15 +350,22 @@ class Accounts:
             ).problem(now)
             if problem is not None:
                 raise WireError(*problem)
-            if token.max_uses is not None and token.uses >= token.max_uses:
+            counted = session.execute(
+                update(AccessToken)
+                .where(
+                    AccessToken.id == token.id,
+                    AccessToken.revoked_at.is_(None),
+                    AccessToken.max_uses.is_(None) | (AccessToken.uses < AccessToken.max_uses),
+                )
+                .values(uses=AccessToken.uses + 1, last_used_at=now)
+            )
+            if counted.rowcount != 1:
                 raise WireError(
                     403,
                     "token_used_up",
                     f"this enrollment token was good for {token.max_uses} registrations and "
                     "all are used; ask the server's admin for a new one",
                 )
-            token.uses += 1
-            token.last_used_at = now
             node_id = self._free_node_id(session, name)
             refresh = new_secret(REFRESH_PREFIX)
             session.add(
@@ -330,7 +387,7 @@ class Accounts:
                 {"token": token.id, "name": name},
                 address,
             )
-        state = NodeState(node_id, name, token.id, False, 0)
+        state = NodeState(node_id, name, token.id, False, 0, created_at=now)
         with self._lock:
             self._nodes[node_id] = state
         return state, refresh

@@ -17,13 +17,14 @@ import secrets
 import threading
 import time
 import uuid
-from collections import deque
+from collections import OrderedDict, deque
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated
 
 import jwt
-from fastapi import Depends, Request
+from fastapi import Depends
+from starlette.requests import HTTPConnection  # a Request or a WebSocket (node sessions)
 
 from crowdtrain.files import write_atomic
 from crowdtrain.protocol.errors import WireError
@@ -34,6 +35,7 @@ ISSUER = "crowdtrain"
 AUDIENCE = "crowdtrain-node"
 ALGORITHM = "HS256"
 LEEWAY_S = 10
+VERIFIED_CACHE = 10_000  # node access tokens remembered as checked (about 1 per node)
 
 
 @dataclass(frozen=True)
@@ -54,6 +56,9 @@ class JwtKeys:
     def __init__(self, secret: bytes, ttl_s: float):
         self.secret = secret
         self.ttl_s = ttl_s
+        self._lock = threading.Lock()
+        # token -> (node id, registration, expiry)
+        self._verified: dict[str, tuple[str, int, float]] = {}
 
     @classmethod
     def load(cls, data_dir: Path, given: str | None, ttl_s: float) -> JwtKeys:
@@ -68,7 +73,9 @@ class JwtKeys:
             write_atomic(path, secrets.token_hex(32), mode=0o600)
         return cls(path.read_text().strip().encode("ascii"), ttl_s)
 
-    def issue(self, node_id: str) -> tuple[str, float]:
+    def issue(self, node_id: str, registration: int) -> tuple[str, float]:
+        """A token for `node_id`; `registration` tells apart two registrations under one id
+        (a data directory made anew): a token of the other is refused."""
         now = time.time()
         expires = now + self.ttl_s
         claims = {
@@ -79,11 +86,28 @@ class JwtKeys:
             "iat": int(now),
             "exp": int(expires),
             "jti": uuid.uuid4().hex,
+            "reg": registration,
         }
         return jwt.encode(claims, self.secret, algorithm=ALGORITHM), expires
 
-    def verify(self, token: str) -> str:
-        """The node id the token names; WireError 401 when it is not valid now."""
+    def verify(self, token: str) -> tuple[str, int]:
+        """(node id, registration) the token names; WireError 401 when it is not valid now. A
+        token checked before is found in a small cache until it expires (a signature check
+        costs ~0.1 ms of Python per request; whether the node was banned is checked by the
+        caller each time)."""
+        with self._lock:
+            cached = self._verified.get(token)
+        if cached is not None and time.time() < cached[2] + LEEWAY_S:
+            return cached[0], cached[1]
+        node_id, registration, expires = self.decode(token)
+        with self._lock:
+            if len(self._verified) >= VERIFIED_CACHE:
+                self._verified.clear()
+            self._verified[token] = (node_id, registration, expires)
+        return node_id, registration
+
+    def decode(self, token: str) -> tuple[str, int, float]:
+        """(node id, registration, expiry) of a token, checked in full (no cache)."""
         try:
             claims = jwt.decode(
                 token,
@@ -92,7 +116,7 @@ class JwtKeys:
                 audience=AUDIENCE,
                 issuer=ISSUER,
                 leeway=LEEWAY_S,
-                options={"require": ["exp", "sub", "aud", "iss"]},
+                options={"require": ["exp", "sub", "aud", "iss", "reg"]},
             )
         except jwt.ExpiredSignatureError:
             raise WireError(
@@ -102,9 +126,12 @@ class JwtKeys:
             ) from None
         except jwt.InvalidTokenError as error:
             raise WireError(401, "bad_token", f"the access token is not valid: {error}") from None
-        if claims.get("role") != "node" or not isinstance(claims.get("sub"), str):
+        node_id, registration = claims.get("sub"), claims.get("reg")
+        if claims.get("role") != "node" or not isinstance(node_id, str):
             raise WireError(401, "bad_token", "the access token does not name a node")
-        return claims["sub"]
+        if not isinstance(registration, int):
+            raise WireError(401, "bad_token", "the access token names no registration")
+        return node_id, registration, float(claims["exp"])
 
 
 class SlidingWindow:
@@ -115,16 +142,16 @@ class SlidingWindow:
         self.window_s = window_s
         self.max_keys = max_keys
         self._lock = threading.Lock()
-        self._events: dict[str, deque[float]] = {}
+        self._events: OrderedDict[str, deque[float]] = OrderedDict()  # least recent first
 
     def _recent(self, key: str, now: float) -> deque[float]:
         events = self._events.get(key)
         if events is None:
-            if len(self._events) >= self.max_keys:  # forget the quiet ones
-                self._events = {
-                    k: v for k, v in self._events.items() if v and v[-1] > now - self.window_s
-                }
+            while len(self._events) >= self.max_keys:  # forget the longest quiet
+                self._events.popitem(last=False)
             events = self._events[key] = deque()
+        else:
+            self._events.move_to_end(key)
         while events and events[0] <= now - self.window_s:
             events.popleft()
         return events
@@ -160,12 +187,12 @@ class SlidingWindow:
             events.append(now)
 
 
-def client_address(request: Request) -> str:
+def client_address(request: HTTPConnection) -> str:
     """The client's address (uvicorn takes it from X-Forwarded-For behind a trusted proxy)."""
     return request.client.host if request.client else ""
 
 
-def bearer(request: Request) -> str | None:
+def bearer(request: HTTPConnection) -> str | None:
     header = request.headers.get("authorization")
     if header is None:
         return None
@@ -175,14 +202,19 @@ def bearer(request: Request) -> str | None:
     return value.strip()
 
 
-def authenticate(request: Request, token: str) -> Principal:
+def authenticate(request: HTTPConnection, token: str) -> Principal:
     """The principal a bearer token stands for; WireError 401/403 when it stands for none."""
     security = request.app.state.runtime.security
     if token.count(".") == 2:  # a JWT: a node
-        node_id = security.keys.verify(token)
+        node_id, registration = security.keys.verify(token)
         state = security.accounts.node(node_id)
-        if state is None:
-            raise WireError(401, "bad_token", "the access token names an unknown node")
+        if state is None or state.registration != registration:
+            raise WireError(
+                401,
+                "bad_token",
+                "the access token names a node this server does not know (or an earlier "
+                "registration of its id); register again with an enrollment token",
+            )
         if state.revoked:
             raise WireError(403, "node_revoked", f"node {node_id} was banned by the admin")
         return Principal("node", node_id)
@@ -207,7 +239,7 @@ class Access:
     def __repr__(self) -> str:
         return f"Access({self.name})"
 
-    def __call__(self, request: Request) -> Principal:
+    def __call__(self, request: HTTPConnection) -> Principal:
         if not self.roles:
             return Principal("public", "anonymous")
         security = request.app.state.runtime.security
@@ -227,35 +259,48 @@ class Access:
                     "this route needs a token: send 'Authorization: Bearer TOKEN' "
                     f"({' or '.join(self.roles)})",
                 )
-            wait = security.failures.retry_after(address)
-            if wait is not None:
-                raise WireError(
-                    429,
-                    "rate_limited",
-                    f"too many failed logins from {address}; try again in {wait:.0f} s",
-                    retry_after_s=round(wait, 1),
-                )
             principal = authenticate(request, token)
         except WireError as error:
-            if error.status in (401, 403) and token is not None:
-                security.failures.hit(address)
-                if error.code != "token_expired":  # nodes renew expired tokens routinely
-                    security.audit.record(
-                        "anonymous",
-                        "auth.refused",
-                        request.url.path,
-                        {"reason": error.code},
-                        address,
-                    )
+            if token is not None and error.status in (401, 403):
+                failed_login(security, "auth.refused", request.url.path, address, error)
             raise
         if principal.role not in self.roles:
-            raise WireError(
+            error = WireError(
                 403,
                 "forbidden",
                 f"this route is for {' or '.join(self.roles)}; your token is a "
                 f"{principal.role} token",
             )
+            failed_login(
+                security, "auth.forbidden", request.url.path, address, error, principal.subject
+            )
+            raise error
         return principal
+
+
+def failed_login(
+    security,
+    action: str,
+    target: str,
+    address: str,
+    error: WireError,
+    actor: str = "anonymous",
+) -> None:
+    """Count and record a refused token. Past `max_auth_failures_per_min` from one address the
+    answer becomes 429: valid tokens from that address still pass (a stranger behind the same
+    NAT cannot lock the others out), while guessing slows down."""
+    if error.code == "token_expired":  # nodes renew expired tokens routinely
+        return
+    wait = security.failures.retry_after(address)
+    if wait is not None:  # not recorded one by one: a flood must not grow the audit log
+        raise WireError(
+            429,
+            "rate_limited",
+            f"too many failed logins from {address}; try again in {wait:.0f} s",
+            retry_after_s=round(wait, 1),
+        ) from None
+    security.failures.hit(address)
+    security.audit.record(actor, action, target, {"reason": error.code}, address)
 
 
 PUBLIC = Access("public", ())

@@ -276,6 +276,12 @@ class Coordinator:
         busy = self._queue.qsize() * 2 > self.queue_capacity
         return self.policy.max_density / 2 if busy else self.policy.max_density
 
+    def round_deadline(self) -> float | None:
+        """When (time.monotonic) the open round closes at the latest; None while it has no
+        update yet (its deadline starts with the first one)."""
+        started = self._round.started_at  # one read: the apply thread swaps rounds whole
+        return None if started is None else started + self.policy.deadline_s
+
     def snapshot(self) -> tuple[int, dict[str, torch.Tensor]]:
         """(version, copy of the weights), consistent: never between two halves of a step."""
         with self._state_lock:

@@ -38,10 +38,25 @@ class NodeRecord:
     bytes_in: int = 0
     bytes_out: int = 0
     traffic: dict[str, dict[str, int]] = field(default_factory=_empty_traffic)
+    # its WebSocket session (docs/sessions.md). state: "online" (a session is open), "gone" (its
+    # session ended: it left, went silent or was banned; until it opens a new one), "http" (it
+    # never opened one)
+    state: str = "http"
+    sessions: int = 0  # opened since the server started (reconnects count)
+    session_started: float | None = None
+    gone_reason: str | None = None  # why the last session ended
+    capabilities: dict | None = None  # from its hello: device, memory, software versions
+    last_heartbeat: float | None = None
+    status: str | None = None  # from its last heartbeat: training, waiting_for_shard, ...
+    held_version: int | None = None
+    tokens_per_s: float | None = None
+    rss_bytes: int | None = None
+    gpu_memory_bytes: int | None = None
 
     def public(self) -> dict:
         out = asdict(self)
-        out["connected"] = time.time() - self.last_seen < CONNECTED_WITHIN_S
+        recent = time.time() - self.last_seen < CONNECTED_WITHIN_S
+        out["connected"] = self.state == "online" or (self.state == "http" and recent)
         return out
 
 
@@ -58,6 +73,33 @@ class NodeRegistry:
             record = self._nodes[node_id] = NodeRecord(node_id)
         record.last_seen = time.time()
         return record
+
+    def session_opened(self, node_id: str, capabilities: dict, link: dict) -> None:
+        """A node's session began (its hello): `link` holds its upload rate and rtt."""
+        with self._lock:
+            record = self._get(node_id)
+            record.state, record.gone_reason = "online", None
+            record.sessions += 1
+            record.session_started = record.last_heartbeat = record.last_seen
+            record.capabilities = capabilities
+            for key, value in link.items():
+                if value is not None:
+                    setattr(record, key, value)
+
+    def heartbeat(self, node_id: str, figures: dict) -> None:
+        """A heartbeat: status, held version, tokens/s, memory (what the node reported)."""
+        with self._lock:
+            record = self._get(node_id)
+            record.last_heartbeat = record.last_seen
+            for key, value in figures.items():
+                setattr(record, key, value)
+
+    def session_closed(self, node_id: str, reason: str) -> None:
+        """Its session ended (it left, went silent, broke the protocol, or was banned)."""
+        with self._lock:
+            record = self._nodes.get(node_id)
+            if record is not None and record.state == "online":
+                record.state, record.gone_reason = "gone", reason
 
     def transferred(self, node_id: str, kind: str, wire: int, raw: int) -> None:
         """Count bytes of one transfer to or from a node, as sent and as decompressed."""

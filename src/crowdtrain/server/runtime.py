@@ -83,7 +83,9 @@ class _Built:
 class ServerRuntime:
     """Everything a running server holds. Routes reach it through deps.Runtime."""
 
-    def __init__(self, settings: ServerSettings):
+    def __init__(self, settings: ServerSettings, on_admin_token=None):
+        """`on_admin_token(token)` is called with an admin token made at this first start, at
+        once (it is shown only then: only its hash is stored)."""
         self.settings = settings
         self.data_dir = Path(settings.data_dir)
         self.data_dir.mkdir(parents=True, exist_ok=True)
@@ -98,6 +100,8 @@ class ServerRuntime:
             self.security = Security.build(settings, self.data_dir, self.db)
         except ValueError as error:
             raise SettingsError(str(error)) from None
+        if self.security.new_admin_token is not None and on_admin_token is not None:
+            on_admin_token(self.security.new_admin_token)
         # an upload interrupted by the last stop left its temp folder; nothing else writes here
         shutil.rmtree(self.data_dir / "uploads", ignore_errors=True)
         checkpoint = self.checkpoints.load_latest()
@@ -107,7 +111,13 @@ class ServerRuntime:
         self.chat_template = built.chat_template
         self.tokenizer.save(self.data_dir / "tokenizer.json")
         self.train_data, valid = self._tokenized()
-        self.leases = LeaseBook(self.db, self.train_data, settings.lease_ttl_s, seed=settings.seed)
+        self.leases = LeaseBook(
+            self.db,
+            self.train_data,
+            settings.lease_ttl_s,
+            seed=settings.seed,
+            max_per_node=settings.max_leases_per_node,
+        )
 
         torch.manual_seed(settings.seed)
         self.model = GPT(self.config)

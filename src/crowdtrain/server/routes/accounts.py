@@ -3,15 +3,15 @@ log (docs/security.md)."""
 
 from __future__ import annotations
 
-import re
 from typing import Annotated, Literal
 
 import anyio
-from fastapi import APIRouter, Body, Path, Query, Request
-from pydantic import BaseModel, Field
+from fastapi import APIRouter, Path, Query, Request
+from pydantic import BaseModel, Field, ValidationError
 
-from crowdtrain.protocol.errors import WireError
-from crowdtrain.server.auth import Admin, Anyone, client_address
+from crowdtrain.protocol.errors import WireError, invalid_request
+from crowdtrain.server.accounts import parse_duration
+from crowdtrain.server.auth import Admin, Anyone, client_address, failed_login
 from crowdtrain.server.deps import Runtime
 from crowdtrain.server.schemas import (
     AuditPublic,
@@ -21,25 +21,12 @@ from crowdtrain.server.schemas import (
     TokenCreatedPublic,
     TokenPublic,
 )
-from crowdtrain.settings import NODE_NAME_CHARS, NODE_NAME_MAX
+from crowdtrain.settings import NODE_NAME_PATTERN
 
 router = APIRouter(tags=["accounts"])
 
 _ERRORS = {code: {"model": ErrorPublic} for code in (401, 403, 404, 409, 422, 429)}
-NODE_NAME = rf"^[{NODE_NAME_CHARS}]{{1,{NODE_NAME_MAX}}}$"
-DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhdw]?)\s*$")
-UNIT_S = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
-
-
-def parse_duration(text: str) -> float:
-    """'7d' -> 604800.0; plain numbers are seconds. Units: s, m, h, d, w."""
-    match = DURATION.match(text.lower())
-    if match is None or float(match.group(1)) <= 0:
-        raise ValueError(
-            f"{text!r} is not a duration; write a positive number with an optional unit "
-            "(s, m, h, d, w), for example 7d or 12h"
-        )
-    return float(match.group(1)) * UNIT_S[match.group(2)]
+NODE_NAME = f"^{NODE_NAME_PATTERN}$"
 
 
 class RegisterIn(BaseModel):
@@ -65,7 +52,7 @@ class TokenIn(BaseModel):
 
 def _credentials(runtime, state, refresh: str | None = None) -> dict:
     security = runtime.security
-    token, expires_at = security.keys.issue(state.id)
+    token, expires_at = security.keys.issue(state.id, state.registration)
     out = {
         "node_id": state.id,
         "access_token": token,
@@ -89,10 +76,7 @@ def register(body: RegisterIn, request: Request, runtime: Runtime, _: Anyone) ->
     try:
         state, refresh = security.accounts.register(body.enrollment_token, body.name, address)
     except WireError as error:
-        security.failures.hit(address)
-        security.audit.record(
-            "anonymous", "register.refused", body.name, {"reason": error.code}, address
-        )
+        failed_login(security, "register.refused", body.name, address, error)
         raise
     return _credentials(runtime, state, refresh)
 
@@ -101,21 +85,10 @@ def register(body: RegisterIn, request: Request, runtime: Runtime, _: Anyone) ->
 def refresh(body: RefreshIn, request: Request, runtime: Runtime, _: Anyone) -> dict:
     """A new access token for a registered node, and the last sequence number it used."""
     security, address = runtime.security, client_address(request)
-    wait = security.failures.retry_after(address)
-    if wait is not None:
-        raise WireError(
-            429,
-            "rate_limited",
-            f"too many failed logins from {address}; try again in {wait:.0f} s",
-            retry_after_s=round(wait, 1),
-        )
     try:
         state = security.accounts.refresh(body.node_id, body.refresh_token, address)
     except WireError as error:
-        security.failures.hit(address)
-        security.audit.record(
-            "anonymous", "refresh.refused", body.node_id, {"reason": error.code}, address
-        )
+        failed_login(security, "refresh.refused", body.node_id, address, error)
         raise
     return _credentials(runtime, state)
 
@@ -146,18 +119,37 @@ async def ban_node(
     )
 
 
-@router.post("/tokens", response_model=TokenCreatedPublic, status_code=201, responses=_ERRORS)
-def create_token(
-    request: Request, runtime: Runtime, admin: Admin, body: Annotated[TokenIn, Body()]
-) -> dict:
+@router.post(
+    "/tokens",
+    response_model=TokenCreatedPublic,
+    status_code=201,
+    responses=_ERRORS,
+    openapi_extra={
+        "requestBody": {
+            "required": True,
+            "content": {"application/json": {"schema": TokenIn.model_json_schema()}},
+        }
+    },
+)
+async def create_token(request: Request, runtime: Runtime, admin: Admin) -> dict:
     """Create a token. `node`: an enrollment token, traded at /nodes/register; `viewer`,
-    `admin`: API tokens sent as `Authorization: Bearer`. The secret is shown only here."""
+    `admin`: API tokens sent as `Authorization: Bearer`. The secret is shown only here.
+
+    The body is read after the admin token is checked (a parameter would be parsed first),
+    so a caller without one learns nothing of what the route expects."""
+    raw = await request.body()
+    try:
+        body = TokenIn.model_validate_json(raw)
+    except ValidationError as error:
+        raise invalid_request(error.errors()) from None
     try:
         expires_in = parse_duration(body.expires) if body.expires else None
     except ValueError as error:
         raise WireError(422, "bad_expires", str(error)) from None
-    secret, public = runtime.security.accounts.create_token(
-        body.role, admin.subject, body.uses, expires_in, body.label, client_address(request)
+    secret, public = await anyio.to_thread.run_sync(
+        lambda: runtime.security.accounts.create_token(
+            body.role, admin.subject, body.uses, expires_in, body.label, client_address(request)
+        )
     )
     return {**public, "token": secret}
 
@@ -185,7 +177,9 @@ def audit(
     runtime: Runtime,
     _: Admin,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
-    before: Annotated[int | None, Query(ge=1, description="events older than this id")] = None,
+    before: Annotated[
+        int | None, Query(ge=1, le=1 << 62, description="events older than this id")
+    ] = None,
     action: Annotated[str | None, Query(max_length=40)] = None,
 ) -> dict:
     """The audit log, newest first: admin actions, registrations, bans, refused logins and

@@ -46,7 +46,12 @@ def acquire_lease(runtime: Runtime, node: CurrentNode) -> dict:
     """Lease the next shard to train on. Renew it within `ttl_s`, and name it in the `leases`
     of the update that finishes it. `lease` is null while every shard is taken: retry later."""
     book = runtime.leases
-    grant = book.acquire(node.node_id)
+    try:
+        grant = book.acquire(node.node_id)
+    except LeaseError as error:  # too_many_leases: 429, retry once some are finished
+        raise WireError(
+            error.status, error.code, error.message, retry_after_s=NO_SHARD_RETRY_S
+        ) from None
     if grant is None:
         return {"lease": None, "ttl_s": book.ttl_s, "retry_after_s": NO_SHARD_RETRY_S}
     info = book.tokenization

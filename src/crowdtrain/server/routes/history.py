@@ -17,7 +17,7 @@ router = APIRouter(tags=["metrics"])
 def history(
     runtime: Runtime,
     _: Viewer,
-    since: Annotated[int, Query(ge=-1, description="only versions after this")] = -1,
+    since: Annotated[int, Query(ge=-1, le=1 << 62, description="only versions after this")] = -1,
     limit: Annotated[int, Query(ge=1, le=100_000)] = 10_000,
 ) -> dict:
     """Loss, learning rate, updates, tokens, bytes and timings per version; validation loss."""

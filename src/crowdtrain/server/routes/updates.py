@@ -94,6 +94,8 @@ async def submit_update(
             raise
     except WireError as error:
         runtime.nodes.refused(node_id, len(body))
+        if error.status in (429, 503):  # "later", not a verdict on the update: not audited
+            raise
         security.audit.record(
             f"node:{node_id}",
             "update.refused",
