@@ -105,6 +105,21 @@ class AdminClient:
         )
 
     def call(self, method: str, path: str, **kwargs: Any) -> Any:
+        """The answer's JSON; AdminError when the server is unreachable or refuses."""
+        response = self.request(method, path, **kwargs)
+        try:
+            body = response.json()
+        except ValueError:
+            body = response.text
+        if isinstance(body, str):
+            raise AdminError(
+                f"{self.server + API + path} did not answer with JSON: is {self.server} a "
+                "crowdtrain server?"
+            )
+        return body
+
+    def request(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
+        """The answer, whatever its content (a bundle); AdminError as for call."""
         from crowdtrain.node.tls import certificate_error
 
         url = self.server + API + path
@@ -127,18 +142,14 @@ class AdminClient:
                 f"cannot reach the server at {self.server} ({error or type(error).__name__}); "
                 f"is it running, and is --server (or {SERVER_URL_ENV}) its URL?{hint}"
             ) from None
-        try:
-            body = response.json()
-        except ValueError:
-            body = response.text
         if response.is_error:
+            try:
+                body = response.json()
+            except ValueError:
+                body = response.text
             code = 2 if response.status_code in (404, 409, 422) else 1
             raise AdminError(refusal_message(response.status_code, body, url), code)
-        if isinstance(body, str):
-            raise AdminError(
-                f"{url} did not answer with JSON: is {self.server} a crowdtrain server?"
-            )
-        return body
+        return response
 
     def close(self) -> None:
         self._http.close()

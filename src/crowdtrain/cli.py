@@ -13,6 +13,7 @@ import typer
 from crowdtrain import __version__
 from crowdtrain.admin_cli import audit, nodes_app, tokens_app
 from crowdtrain.data.cli import data_app
+from crowdtrain.models_cli import models_app
 from crowdtrain.settings import NodeSettings, ServerSettings, SettingsError, load_settings
 from crowdtrain.terminal import CONFIG_HELP, console
 from crowdtrain.terminal import fail as _fail
@@ -189,7 +190,7 @@ def server(
             f"{len(data.shards)} shards",
             flush=True,
         )
-        print(f"API docs: {url}/docs", flush=True)
+        print(f"web UI: {url}/ui/  API docs: {url}/docs", flush=True)
         pin = None
         certificate = served_certificate(settings)
         if certificate is not None:
@@ -300,6 +301,11 @@ def node(
         "--overlap/--no-overlap",
         help="Compute the next step while the last upload is in flight (default: on).",
     ),
+    location: str | None = typer.Option(
+        None,
+        help="Where this node is, shown on the server's node map: 'LAT,LON' (for example "
+        "'52.52,13.40') places it on the world map; any other text is only shown.",
+    ),
 ) -> None:
     """Join a training run: pull the model, lease data shards, train, push compressed updates.
 
@@ -335,6 +341,7 @@ def node(
             duration_s=duration,
             threads=threads,
             overlap=overlap,
+            location=location,
         )
     except SettingsError as exc:
         _fail(str(exc))
@@ -397,6 +404,7 @@ def demo(
 app.add_typer(data_app, name="data")
 app.add_typer(tokens_app, name="tokens")
 app.add_typer(nodes_app, name="nodes")
+app.add_typer(models_app, name="models")
 app.command("audit")(audit)
 
 

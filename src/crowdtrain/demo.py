@@ -266,7 +266,7 @@ def run_demo(options: DemoOptions, console: Console) -> int:
         console.print(f"starting a server ({options.model}) on {url} ...")
         swarm.start_server(port, data_dir, options.model, demo_server_env(options.nodes))
         wait_until_up(url, swarm.server, STARTUP_TIMEOUT_S)
-        console.print(f"server up at {url}  (API docs: {url}/docs)")
+        console.print(f"server up at {url}  (web UI: {url}/ui/, API docs: {url}/docs)")
         before = wait_for_eval(url, 0, 120, swarm.admin)
         if before is None:
             raise RuntimeError("the server did not score the untrained model within 120 s")

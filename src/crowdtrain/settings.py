@@ -148,6 +148,9 @@ class ServerSettings(_Settings):
     max_upload_mb: float = Field(
         1024, gt=0, description="largest data file accepted by the HTTP upload endpoint"
     )
+    max_chat_streams: int = Field(
+        2, ge=1, le=64, description="chat replies generated at once (POST /chat); more get 429"
+    )
     # ---- security (docs/security.md, docs/deployment.md) ----
     admin_token: SecretStr | None = Field(
         None,
@@ -222,6 +225,11 @@ class ServerSettings(_Settings):
     eval_every: int = Field(10, ge=1, description="validate every N versions (and when idle)")
     eval_batches: int = Field(8, ge=1)
     eval_batch_size: int = Field(16, ge=1)
+    tensorboard_dir: Path | None = Field(
+        None,
+        description="write per-version scalars and validation losses here for TensorBoard "
+        "(needs pip install 'crowdtrain[tensorboard]')",
+    )
 
     @model_validator(mode="after")
     def _session_timing(self) -> ServerSettings:

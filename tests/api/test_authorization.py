@@ -47,6 +47,7 @@ PATH_VALUES: dict[str, Any] = {
     "filename": "matrix.txt",
     "node_id": "no-such-node",
     "token_id": 1 << 40,
+    "model_id": "imported:matrix-none",
 }
 BINARY_BODY = b"the authorization matrix uploads this line\n"
 _names = itertools.count()

@@ -127,6 +127,19 @@ def test_hello_gets_welcome_density_and_shows_in_info(server: Server):
     assert node["gone_reason"] == "disconnected" and not node["connected"]
 
 
+def test_the_location_a_node_reports_reaches_the_node_list(server: Server):
+    """`crowdtrain node --location LAT,LON` travels in the hello; the UI's map reads it from
+    the node's capabilities in /info."""
+    no_sessions(server)
+    hello = HELLO.model_copy(update={"location": "52.52,13.40"})
+    with server.client.websocket_connect(URL, headers=server.as_node("berlin")) as ws:
+        ws.send_text(hello.to_json())
+        assert receive(ws)["type"] == "welcome"
+        node = wait_for(lambda: server.node("berlin"), what="the node in /info")
+        assert node["capabilities"]["location"] == "52.52,13.40"
+        assert node["state"] == "online"
+
+
 @pytest.mark.parametrize(
     "frame, error, code",
     [

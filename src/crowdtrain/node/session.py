@@ -44,6 +44,7 @@ from crowdtrain.protocol.session import (
     Welcome,
     parse_server_message,
 )
+from crowdtrain.resources import NodeResources
 
 if TYPE_CHECKING:
     from crowdtrain.node.client import CoordinatorClient
@@ -286,6 +287,7 @@ class NodeBridge(SessionBridge):
         self.node = node
         # (time, accepted tokens) at recent heartbeats: tokens/s counts from the oldest
         self._marks: deque[tuple[float, int]] = deque([(time.monotonic(), node.stats.tokens)])
+        self._resources = NodeResources(node.device)
 
     def hello(self) -> Hello:
         node = self.node
@@ -329,6 +331,7 @@ class NodeBridge(SessionBridge):
             tokens_per_s=(tokens - before) / (now - then) if now > then else None,
             rss_bytes=process_rss_bytes(),
             gpu_memory_bytes=gpu,
+            **self._resources.figures(),
         )
 
     def on_link(self, up: bool) -> None:

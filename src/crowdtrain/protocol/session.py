@@ -32,6 +32,7 @@ Text = Annotated[str, Field(max_length=128, pattern=PRINTABLE)]
 Status = Literal["starting", "training", "waiting_for_shard", "stopping"]  # in heartbeats
 Rate = Annotated[float, Field(ge=0, le=1e12)]
 Bytes = Annotated[int, Field(ge=0, le=1 << 60)]
+Percent = Annotated[float, Field(ge=0, le=100)]
 
 
 class _Message(BaseModel):
@@ -70,6 +71,13 @@ class Heartbeat(_Message):
     tokens_per_s: Rate | None = None  # accepted tokens per second, over the last 10 s or so
     rss_bytes: Bytes | None = None  # the node process's resident memory
     gpu_memory_bytes: Bytes | None = None  # allocated by torch, when it trains on a GPU
+    # the node's machine (docs/monitoring.md); a node that does not send them is still valid
+    cpu_percent: Percent | None = None  # of the whole machine, since the last heartbeat
+    memory_used_bytes: Bytes | None = None  # system memory in use
+    memory_total_bytes: Bytes | None = None
+    gpu_utilization_percent: Percent | None = None  # NVML's, when nvidia-ml-py is installed
+    gpu_memory_used_bytes: Bytes | None = None  # the whole GPU's, not only this process's
+    gpu_memory_total_bytes: Bytes | None = None
 
 
 # ---- server -> node ----------------------------------------------------------------------

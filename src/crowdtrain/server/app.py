@@ -18,12 +18,24 @@ from crowdtrain import __version__
 from crowdtrain.protocol.errors import WireError, invalid_request
 from crowdtrain.protocol.session import MAX_MESSAGE_BYTES
 from crowdtrain.server.limits import RequestLimits, guarded_protocol
-from crowdtrain.server.routes import accounts, data, health, history, model, session, updates
+from crowdtrain.server.monitoring import RequestTimer, ServerMetrics
+from crowdtrain.server.routes import (
+    accounts,
+    data,
+    health,
+    history,
+    model,
+    models,
+    session,
+    updates,
+)
+from crowdtrain.server.routes import monitoring as metrics_route
 from crowdtrain.server.runtime import ServerRuntime
 from crowdtrain.server.schemas import ErrorPublic
 from crowdtrain.server.sessions import SessionHub
 from crowdtrain.server.tls import uvicorn_tls_options
 from crowdtrain.settings import ServerSettings
+from crowdtrain.web import mount_ui
 
 log = logging.getLogger(__name__)
 API_PREFIX = "/api/v1"
@@ -102,6 +114,7 @@ def create_app(settings: ServerSettings, runtime: ServerRuntime | None = None) -
         lifespan=lifespan,
     )
     app.state.runtime = runtime or ServerRuntime(settings)
+    app.state.metrics = ServerMetrics(app.state.runtime)  # a registry per app (never global)
 
     @app.exception_handler(WireError)
     async def wire_error(request: Request, exc: WireError) -> JSONResponse:
@@ -128,13 +141,17 @@ def create_app(settings: ServerSettings, runtime: ServerRuntime | None = None) -
         """A bad parameter or body, in the same shape as every other error."""
         return JSONResponse(invalid_request(exc.errors()).to_json(), status_code=422)
 
-    routers = (health, model, updates, history, data, accounts, session)
+    routers = (health, model, updates, history, data, accounts, session, models)
     for module in routers:
         app.include_router(module.router, prefix=API_PREFIX, responses=COMMON_ERRORS)
+    app.include_router(metrics_route.router, responses=COMMON_ERRORS)  # /metrics, at the root
     # updates and data uploads stream their bodies against caps of their own
     self_capped = [("POST", "/updates"), ("PUT", "/datasets/{name}/{split}/files/{filename}")]
+    self_capped.append(("POST", "/models/import"))  # capped by max_upload_mb
     self_capped = [(method, API_PREFIX + path) for method, path in self_capped]
+    mount_ui(app)  # the web UI at /ui/ (docs/ui.md)
     app.add_middleware(RequestLimits, settings=settings, self_capped=self_capped)
+    app.add_middleware(RequestTimer, metrics=app.state.metrics)  # outermost: times all of it
     return app
 
 

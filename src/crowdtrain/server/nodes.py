@@ -14,6 +14,15 @@ CONNECTED_WITHIN_S = 60.0
 # what moves, by kind: bytes on the wire (compressed) and raw (after decompression)
 INBOUND_KINDS = ("update",)
 OUTBOUND_KINDS = ("snapshot", "deltas", "shard")
+# what a heartbeat reports of the node's machine, kept as the latest in its record
+MACHINE_FIGURES = (
+    "cpu_percent",
+    "memory_used_bytes",
+    "memory_total_bytes",
+    "gpu_utilization_percent",
+    "gpu_memory_used_bytes",
+    "gpu_memory_total_bytes",
+)
 
 
 def _empty_traffic() -> dict[str, dict[str, int]]:
@@ -52,6 +61,13 @@ class NodeRecord:
     tokens_per_s: float | None = None
     rss_bytes: int | None = None
     gpu_memory_bytes: int | None = None
+    # its machine, from its last heartbeat (MACHINE_FIGURES; docs/monitoring.md)
+    cpu_percent: float | None = None
+    memory_used_bytes: int | None = None
+    memory_total_bytes: int | None = None
+    gpu_utilization_percent: float | None = None
+    gpu_memory_used_bytes: int | None = None
+    gpu_memory_total_bytes: int | None = None
 
     def public(self) -> dict:
         out = asdict(self)

@@ -29,13 +29,17 @@ from crowdtrain.model.tokenizer import Tokenizer
 from crowdtrain.progress import byte_progress
 from crowdtrain.protocol.manifest import Manifest
 from crowdtrain.protocol.update import IntakeLimits
+from crowdtrain.resources import ServerResources
 from crowdtrain.server.checkpoints import Checkpoint, CheckpointStore
 from crowdtrain.server.coordinator import Coordinator, RoundPolicy, RoundResult
 from crowdtrain.server.evaluator import Evaluator
+from crowdtrain.server.inference import InferenceService
+from crowdtrain.server.library import ModelLibrary
 from crowdtrain.server.metrics import EvaluationLog, HistoryLog
 from crowdtrain.server.nodes import NodeRegistry
 from crowdtrain.server.publishing import Publisher
 from crowdtrain.server.security import Security
+from crowdtrain.server.tensorboard import TensorBoardSink, summary_writer_class
 from crowdtrain.settings import ServerSettings, SettingsError
 
 log = logging.getLogger(__name__)
@@ -87,6 +91,8 @@ class ServerRuntime:
         """`on_admin_token(token)` is called with an admin token made at this first start, at
         once (it is shown only then: only its hash is stored)."""
         self.settings = settings
+        if settings.tensorboard_dir is not None:
+            summary_writer_class(settings.tensorboard_dir)  # missing: say so before the set-up
         self.data_dir = Path(settings.data_dir)
         self.data_dir.mkdir(parents=True, exist_ok=True)
         self.checkpoints = CheckpointStore(self.data_dir / "checkpoints", settings.keep_checkpoints)
@@ -186,6 +192,10 @@ class ServerRuntime:
             batch_size=settings.eval_batch_size,
         )
         self.coordinator.add_listener(self._on_round)
+        self.tensorboard = self._tensorboard()
+        self.resources = ServerResources(self.data_dir)
+        self.models = ModelLibrary(self)
+        self.inference = InferenceService(self.models, settings.max_chat_streams)
         self.resumed_from = built.checkpoint.version if built.checkpoint else None
         if built.checkpoint is None:
             self.save_checkpoint()
@@ -316,6 +326,20 @@ class ServerRuntime:
             downlink.residuals.update(checkpoint.downlink_residuals)
         return downlink
 
+    def _tensorboard(self) -> TensorBoardSink | None:
+        """The TensorBoard sink when `tensorboard_dir` is set (it only queues on the round path)."""
+        if self.settings.tensorboard_dir is None:
+            return None
+        last = self.evals.last()
+        log_dir = self.settings.tensorboard_dir
+        sink = TensorBoardSink(
+            summary_writer_class(log_dir)(log_dir=str(log_dir)),
+            self.evals,
+            evaluated=last["version"] if last else -1,
+        )
+        self.coordinator.add_listener(sink.on_round)
+        return sink
+
     def _on_round(self, result: RoundResult) -> None:
         self._record_completions(result)
         self.rounds.append(result.record)
@@ -367,11 +391,16 @@ class ServerRuntime:
         self.coordinator.start()
         if self.settings.evaluate:
             self.evaluator.start(self.coordinator.version)
+        if self.tensorboard is not None:
+            self.tensorboard.start()
 
     def stop(self) -> None:
         """Apply what was accepted, write a final checkpoint, stop the background threads."""
+        self.inference.stop()  # chat replies end at their next token
         self.coordinator.stop(drain=True)
         self.evaluator.stop()
+        if self.tensorboard is not None:
+            self.tensorboard.stop()  # after the drain and the last evaluation: all of it lands
         if self.coordinator.failure is not None:
             # the optimizer state may be half a step along: resume from the last good checkpoint
             log.error(
@@ -411,4 +440,5 @@ class ServerRuntime:
             "nodes": self.nodes.list(),
             "connected_nodes": self.nodes.connected_count(),
             "resumed_from": self.resumed_from,
+            "server": self.resources.figures(),
         }

@@ -28,6 +28,7 @@ class InfoPublic(BaseModel):
     nodes: list[dict[str, Any]]
     connected_nodes: int
     resumed_from: int | None
+    server: dict[str, Any]  # the server's own CPU, memory, disk and load (docs/monitoring.md)
 
 
 class ParamPublic(BaseModel):

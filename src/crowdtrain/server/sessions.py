@@ -45,6 +45,7 @@ from crowdtrain.protocol.session import (
     Welcome,
     parse_node_message,
 )
+from crowdtrain.server.nodes import MACHINE_FIGURES
 
 if TYPE_CHECKING:
     from crowdtrain.server.runtime import ServerRuntime
@@ -363,6 +364,7 @@ class SessionHub:
                     "tokens_per_s": parsed.tokens_per_s,
                     "rss_bytes": parsed.rss_bytes,
                     "gpu_memory_bytes": parsed.gpu_memory_bytes,
+                    **{key: getattr(parsed, key) for key in MACHINE_FIGURES},
                 },
             )
 

@@ -94,6 +94,7 @@ async def submit_update(
             raise
     except WireError as error:
         runtime.nodes.refused(node_id, len(body))
+        request.app.state.metrics.refused(error.code)  # every refusal passes here, 429s too
         if error.status in (429, 503):  # "later", not a verdict on the update: not audited
             raise
         security.audit.record(
