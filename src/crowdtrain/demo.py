@@ -267,6 +267,11 @@ def run_demo(options: DemoOptions, console: Console) -> int:
         swarm.start_server(port, data_dir, options.model, demo_server_env(options.nodes))
         wait_until_up(url, swarm.server, STARTUP_TIMEOUT_S)
         console.print(f"server up at {url}  (web UI: {url}/ui/, API docs: {url}/docs)")
+        # a throwaway server on loopback: its admin token lets you sign in to the web UI
+        console.print(
+            f"sign in to the web UI with the demo's admin token: {swarm.admin_token}",
+            soft_wrap=True,
+        )
         before = wait_for_eval(url, 0, 120, swarm.admin)
         if before is None:
             raise RuntimeError("the server did not score the untrained model within 120 s")
