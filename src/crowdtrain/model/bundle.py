@@ -32,7 +32,7 @@ from crowdtrain.data.chat import ChatTemplate
 from crowdtrain.model.gpt import GPT, GPTConfig
 from crowdtrain.model.tokenizer import Tokenizer
 from crowdtrain.protocol import safetensors_io
-from crowdtrain.protocol.errors import WireError
+from crowdtrain.protocol.errors import WireError, validation_problems
 
 BUNDLE_FORMAT: Final = "crowdtrain.bundle/1"
 WEIGHTS = "model.safetensors"
@@ -236,11 +236,7 @@ def _read_config(raw: bytes) -> BundleConfig:
     try:
         return BundleConfig.model_validate(document)
     except ValidationError as error:
-        problems = "; ".join(
-            f"{'.'.join(str(part) for part in e['loc']) or 'config'}: {e['msg']}"
-            for e in error.errors()
-        )
-        raise BundleError(f"{CONFIG}: {problems}") from None
+        raise BundleError(f"{CONFIG}: {validation_problems(error.errors(), 'config')}") from None
 
 
 def _config_parts(info: BundleConfig) -> tuple[GPTConfig, ChatTemplate]:

@@ -19,11 +19,15 @@ class WireError(Exception):
         return {"error": self.code, "detail": self.message, **self.extra}
 
 
-def invalid_request(errors: list[dict[str, Any]], where: str = "body") -> WireError:
-    """422 `invalid_request` naming each problem of a pydantic validation (`query.since: Input
-    should be ...`); `where` names a problem without a location."""
-    problems = "; ".join(
+def validation_problems(errors: list[dict[str, Any]], where: str) -> str:
+    """Each problem of a pydantic validation as `loc: message` (`query.since: Input should be
+    ...`), joined by '; '; `where` names a problem without a location."""
+    return "; ".join(
         f"{'.'.join(str(part) for part in error['loc']) or where}: {error['msg']}"
         for error in errors
     )
-    return WireError(422, "invalid_request", problems[:2000])
+
+
+def invalid_request(errors: list[dict[str, Any]], where: str = "body") -> WireError:
+    """422 `invalid_request` naming each problem of a pydantic validation."""
+    return WireError(422, "invalid_request", validation_problems(errors, where)[:2000])

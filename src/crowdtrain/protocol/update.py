@@ -19,7 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from crowdtrain.compression.codecs import ValueCodec, get_value_codec
 from crowdtrain.compression.sparse import SparseDelta
 from crowdtrain.protocol import encoding, safetensors_io
-from crowdtrain.protocol.errors import WireError
+from crowdtrain.protocol.errors import WireError, validation_problems
 from crowdtrain.protocol.manifest import Manifest
 
 UPDATE_FORMAT = "crowdtrain.update/1"
@@ -247,10 +247,7 @@ def _parse_meta(metadata: dict[str, str]) -> UpdateMeta:
     try:
         return UpdateMeta.model_validate(metadata)
     except ValidationError as exc:
-        problems = "; ".join(
-            f"{'.'.join(str(p) for p in err['loc']) or 'metadata'}: {err['msg']}"
-            for err in exc.errors()
-        )
+        problems = validation_problems(exc.errors(), "metadata")
         raise WireError(422, "bad_metadata", f"update metadata is invalid: {problems}") from None
 
 
